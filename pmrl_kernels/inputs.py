@@ -1,0 +1,111 @@
+"""Argument checking shared by every public entry point.
+
+Each check raises ValueError/TypeError naming the argument and the expected form, so a bad call fails
+before any kernel sees it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+
+Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the maths runs in: float64 stays float64, everything else is done in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_dtype(t: torch.Tensor, what: str) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{what} must be a floating tensor (float16, bfloat16, float32 or float64), got dtype {t.dtype}"
+        )
+
+
+def modality_list(embeddings: Embeddings, name: str = "embeddings") -> list[torch.Tensor]:
+    """Validate `embeddings` and return it as a list of M tensors [B, D] (views, never copies).
+
+    Accepts a tensor [B, M, D] or a sequence of M tensors [B, D] with equal shape, device and dtype.
+    """
+    if isinstance(embeddings, torch.Tensor):
+        _check_dtype(embeddings, name)
+        if embeddings.dim() != 3:
+            raise ValueError(
+                f"{name} must be a 3-D tensor [B, M, D] (instance, modality, feature) or a sequence of M "
+                f"tensors [B, D]; got a {embeddings.dim()}-D tensor of shape {tuple(embeddings.shape)}"
+            )
+        zs = list(embeddings.unbind(1))
+        batch, modalities, features = embeddings.shape
+    elif isinstance(embeddings, (list, tuple)):
+        zs = list(embeddings)
+        for m, z in enumerate(zs):
+            if not isinstance(z, torch.Tensor):
+                raise TypeError(f"{name}[{m}] must be a torch.Tensor [B, D], got {type(z).__name__}")
+            _check_dtype(z, f"{name}[{m}]")
+            if z.dim() != 2:
+                raise ValueError(f"{name}[{m}] must be a 2-D tensor [B, D], got shape {tuple(z.shape)}")
+        if zs:
+            first = zs[0]
+            for m, z in enumerate(zs[1:], start=1):
+                if z.shape != first.shape:
+                    raise ValueError(
+                        f"every tensor in {name} must have the same shape [B, D]: {name}[0] is "
+                        f"{tuple(first.shape)}, {name}[{m}] is {tuple(z.shape)}"
+                    )
+                if z.device != first.device:
+                    raise ValueError(
+                        f"every tensor in {name} must be on one device: {name}[0] is on {first.device}, "
+                        f"{name}[{m}] on {z.device}"
+                    )
+                if z.dtype != first.dtype:
+                    raise TypeError(
+                        f"every tensor in {name} must have one dtype: {name}[0] is {first.dtype}, "
+                        f"{name}[{m}] is {z.dtype}"
+                    )
+        modalities = len(zs)
+        batch, features = (zs[0].shape if zs else (0, 0))
+    else:
+        raise TypeError(
+            f"{name} must be a tensor [B, M, D] or a sequence of M tensors [B, D], got {type(embeddings).__name__}"
+        )
+    if modalities < 2:
+        raise ValueError(f"{name} needs M >= 2 modalities per instance, got M = {modalities}")
+    if batch == 0:
+        raise ValueError(f"{name} needs at least one instance, got B = 0")
+    if features == 0:
+        raise ValueError(f"{name} needs a feature dimension D >= 1, got D = 0")
+    return zs
+
+
+def positive_finite(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def non_negative_finite(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def reduction_name(value) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {value!r}")
+    return value
+
+
+def flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

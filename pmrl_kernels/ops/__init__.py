@@ -1,0 +1,1 @@
+"""Kernel backends, one module per kernel family (launchers, op registration, autograd)."""
