@@ -6,7 +6,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import backends, reference
+from . import backends, distributed, reference
 from .inputs import Embeddings, flag, modality_list, non_negative_finite, positive_finite, reduction_name
 
 
@@ -96,8 +96,16 @@ def pmrl_loss(
 class PMRLLoss(nn.Module):
     """nn.Module form of `pmrl_loss`; the arguments are the same, checked at construction.
 
-    gather_with_grad=True computes the contrastive term of this rank's rows against the leads of every rank of
-    the default torch.distributed process group (see pmrl_kernels.distributed).
+    gather_with_grad=True is for data-parallel training (DDP): the contrastive term of this rank's rows runs
+    against the leads of every rank of the default torch.distributed process group, gathered with gradient
+    (target = this rank's offset + i); the alignment term stays per rank. Per-rank batch sizes may differ.
+    With N rows over W ranks, each rank returns W / N * (sum of its rows' losses) for reduction="mean" and
+    W * (sum of its rows' losses) for "sum", so the mean over ranks equals the single-process loss on the
+    concatenated batch, and the gradient each rank gets on its embeddings is W times the single-process one
+    (DDP's averaging divides it back). "none" returns this rank's rows of the single-process output, unscaled.
+    output_dict parts are scaled alike. The forward raises RuntimeError when no process group is initialised
+    (construction does not, so the module can be built before init_process_group). See
+    pmrl_kernels.distributed.
 
     >>> loss_fn = PMRLLoss(tau=0.05)
     >>> loss = loss_fn([text_emb, video_emb, audio_emb])
@@ -123,8 +131,6 @@ class PMRLLoss(nn.Module):
             raise TypeError(f"backend must be a str, got {type(backend).__name__}")
         self.backend = backend
         self.gather_with_grad = flag(gather_with_grad, "gather_with_grad")
-        if self.gather_with_grad:
-            raise NotImplementedError("gather_with_grad=True is not implemented yet")
 
     def extra_repr(self) -> str:
         return (
@@ -133,7 +139,17 @@ class PMRLLoss(nn.Module):
         )
 
     def forward(self, embeddings: Embeddings, output_dict: bool = False):
-        return _pmrl(
-            embeddings, self.tau, self.tau_reg, self.reg_weight, self.normalize, self.reduction, self.backend,
-            output_dict, gather=None,
+        if not self.gather_with_grad:
+            return _pmrl(
+                embeddings, self.tau, self.tau_reg, self.reg_weight, self.normalize, self.reduction, self.backend,
+                output_dict, gather=None,
+            )
+        zs = modality_list(embeddings)
+        output_dict = flag(output_dict, "output_dict")
+        gather = distributed.RowGather(zs[0].shape[0], zs[0].device)
+        # per-row values, so the reduction can be scaled by the global batch size
+        parts = _pmrl(
+            zs, self.tau, self.tau_reg, self.reg_weight, self.normalize, "none", self.backend, True, gather=gather
         )
+        parts = {k: gather.reduce(v, self.reduction) for k, v in parts.items()}
+        return parts if output_dict else parts["loss"]

@@ -31,6 +31,7 @@ from .inputs import compute_dtype
 SIGMA_EPS = 1e-3
 GAP_EPS = 1e-4
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
+SIGN_TOL = 1e-4
 
 
 def safe_inverse(x: torch.Tensor, floor_sq: torch.Tensor) -> torch.Tensor:
@@ -48,8 +49,17 @@ def stack_rows(zs: list[torch.Tensor], normalize: bool):
 
 
 def canonical_sign(u: torch.Tensor) -> torch.Tensor:
-    """+1 or -1 per column of u [..., M, K] so that each column sums to >= 0 (a zero sum counts as +)."""
-    return torch.where(u.sum(dim=-2, keepdim=True) >= 0, 1.0, -1.0).to(u.dtype)
+    """+1 or -1 per column of unit vectors u [..., M, K]: the sign that makes the column sum >= 0.
+
+    A sum within SIGN_TOL of 0 is a tie (exactly 0 for M = 2 with rows pointing apart, where u_1 = (1, -1)/sqrt 2),
+    which rounding would break at random: there the first entry with |u_m| > SIGN_TOL decides, and a column with
+    none counts as +.
+    """
+    total = u.sum(dim=-2, keepdim=True)
+    big = u.abs() > SIGN_TOL
+    first = torch.gather(u, -2, big.to(torch.uint8).argmax(dim=-2, keepdim=True))  # first index where big
+    key = torch.where(total.abs() > SIGN_TOL, total, torch.where(big.any(dim=-2, keepdim=True), first, 1.0))
+    return torch.where(key >= 0, 1.0, -1.0).to(u.dtype)
 
 
 def eigh_descending(g: torch.Tensor):
@@ -186,8 +196,8 @@ def official_recipe_loss(
     align = F.cross_entropy(s / tau, target)
     lead = u_full[:, :, 0]
     if canonical:
-        sign = torch.where((lead * stacked.sum(-1)).sum(-1, keepdim=True) >= 0, 1.0, -1.0).to(lead.dtype)
-        lead = lead * sign
+        u1 = (stacked.transpose(-1, -2) @ lead[:, :, None]) / s[:, None, :1]  # lead's coordinates over the rows
+        lead = lead * canonical_sign(u1)[:, 0]
     logits = lead @ lead.T / tau_reg
     reg = F.cross_entropy(logits, torch.arange(s.shape[0], device=s.device))
     return align + reg_weight * reg

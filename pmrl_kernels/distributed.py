@@ -1,0 +1,96 @@
+"""Data-parallel PMRL: gather every rank's leading directions with gradient.
+
+`PMRLLoss(gather_with_grad=True)` uses this module. Each rank computes the alignment term on its own rows and
+the contrastive term of its rows against the leads of all ranks of the default process group (in rank order),
+target = offset of this rank + i. Per-rank batch sizes may differ: the sizes are gathered first, each rank pads
+its leads to the largest size, gathers, and drops the padding.
+
+Scaling, chosen so that DDP's gradient averaging reproduces single-process training on the concatenated batch
+(N rows over W ranks, loss_i the per-row loss of the single-process computation):
+
+- reduction "mean": each rank returns W / N * sum of its loss_i. The mean over ranks is the single-process mean.
+- reduction "sum":  each rank returns W * sum of its loss_i. The mean over ranks is the single-process sum.
+- reduction "none": each rank returns its own loss_i [B_r], unscaled; concatenated in rank order they are the
+  single-process output.
+
+The gather's backward sums every rank's gradient into the rows it came from (a reduce-scatter), so the gradient
+a rank receives on its embeddings is that of the sum of all ranks' losses: W times the single-process gradient
+for "mean" and "sum". DDP divides by W again when it averages parameter gradients.
+
+Only lead [B, D] crosses ranks, so this works with every backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+try:  # functional collectives: traceable by torch.compile; the name changed across torch releases
+    from torch.distributed import _functional_collectives as _fc
+
+    _functional_all_gather = getattr(_fc, "all_gather_single_autograd", None) or getattr(
+        _fc, "all_gather_tensor_autograd", None
+    )
+except ImportError:
+    _functional_all_gather = None
+
+
+def _nn_all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x, group=group), dim=0)
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate x [b, ...] of every rank along dim 0 (equal b on all ranks); the backward sums the gradients
+    of all ranks into each rank's x. Functional collectives when torch has them, else torch.distributed.nn."""
+    if _functional_all_gather is not None:
+        return _functional_all_gather(x, 0, group if group is not None else dist.group.WORLD)
+    return _nn_all_gather(x, group)
+
+
+def require_process_group() -> None:
+    """RuntimeError unless torch.distributed is available and its default process group is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "PMRLLoss(gather_with_grad=True) needs an initialised torch.distributed process group: call "
+            "torch.distributed.init_process_group(...) before the forward pass, or use gather_with_grad=False "
+            "for single-process training"
+        )
+
+
+class RowGather:
+    """The `gather` hook of the loss for one forward pass: rows -> (rows of every rank, offset of ours).
+
+    Construction gathers the per-rank batch sizes (a collective: every rank must construct one per step).
+    """
+
+    def __init__(self, batch: int, device: torch.device, group=None):
+        require_process_group()
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        size = torch.tensor([batch], dtype=torch.int64, device=device)
+        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=group)
+        self.sizes = [int(s) for s in sizes]
+        self.offset = sum(self.sizes[: dist.get_rank(group)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        most = max(self.sizes)
+        # all_gather needs one shape on every rank: pad with zero rows, gather, then drop them
+        padded = F.pad(rows, (0, 0, 0, most - rows.shape[0]))
+        gathered = all_gather_with_grad(padded.contiguous(), self.group)
+        cols = torch.cat([gathered[r * most: r * most + n] for r, n in enumerate(self.sizes)], dim=0)
+        return cols, self.offset
+
+    def reduce(self, per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+        """This rank's share of the loss under the scaling in the module docstring."""
+        if reduction == "none":
+            return per_row
+        scale = self.world_size / self.total if reduction == "mean" else self.world_size
+        return per_row.sum() * scale
+
