@@ -1,0 +1,130 @@
+"""PMRLLoss(gather_with_grad=True) against the single-process loss on the concatenated batch.
+
+Two gloo ranks on 127.0.0.1 (CPU), unequal batches (3 and 5 rows), float64, reference backend. Each rank runs
+this file as a script (`--worker`) and saves its losses and gradients; the test compares them with the
+single-process values: mean over ranks of the loss == single-process loss, gradient on each rank's rows ==
+world_size * single-process gradient ("mean" and "sum"); "none" rows == the single-process rows.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pmrl_kernels import PMRLLoss, available_backends, distributed
+
+WORLD = 2
+SIZES = (3, 5)
+M, D = 3, 16
+GATHERS = {"functional": distributed._functional_all_gather, "torch.distributed.nn": None}
+CONFIGS = [(reduction, reg_weight) for reduction in ("mean", "sum", "none") for reg_weight in (1.0, 0.0)]
+# the gather only touches lead, so every backend must give the same semantics (checked in float32)
+KERNEL_BACKENDS = [b for b in available_backends() if b != "reference"]
+# "none" is reduced by a fixed weighting so its gradient exercises the gather's backward too
+NONE_WEIGHTS_SEED = 7
+
+
+def full_batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(sum(SIZES), M, D, generator=g, dtype=torch.float64)
+
+
+def none_weights() -> torch.Tensor:
+    g = torch.Generator().manual_seed(NONE_WEIGHTS_SEED)
+    return torch.rand(sum(SIZES), generator=g, dtype=torch.float64) + 0.5
+
+
+def run_loss(z: torch.Tensor, rows: slice, reduction: str, reg_weight: float, gather: bool, backend="reference"):
+    """(loss parts, gradient on z[rows]) of the loss on z[rows]; "none" is differentiated through a weighted
+    sum, with the weights of those rows."""
+    x = z[rows].clone().requires_grad_(True)
+    fn = PMRLLoss(reduction=reduction, reg_weight=reg_weight, backend=backend, gather_with_grad=gather)
+    parts = fn(x, output_dict=True)
+    scalar = (parts["loss"] * none_weights()[rows].to(x.dtype)).sum() if reduction == "none" else parts["loss"]
+    scalar.backward()
+    return {k: v.detach() for k, v in parts.items()}, x.grad
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        start = sum(SIZES[:rank])
+        rows = slice(start, start + SIZES[rank])
+        results = {}
+        for impl, fn in GATHERS.items():
+            distributed._functional_all_gather = fn  # None selects the torch.distributed.nn fallback
+            results.update({(impl, *cfg): run_loss(full_batch(), rows, *cfg, gather=True) for cfg in CONFIGS})
+        for backend in KERNEL_BACKENDS:
+            results[backend] = run_loss(full_batch().float(), rows, "mean", 1.0, gather=True, backend=backend)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("dist")
+    port = free_port()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(port), str(out_dir)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(WORLD)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:
+            p.kill()  # no-op for a process that has exited; never leave a rank waiting on a dead peer
+    for r, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{out}"
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("impl", GATHERS)
+@pytest.mark.parametrize("reduction,reg_weight", CONFIGS)
+def test_matches_single_process(rank_results, impl, reduction, reg_weight):
+    cfg = (impl, reduction, reg_weight)
+    single_parts, single_grad = run_loss(full_batch(), slice(None), reduction, reg_weight, gather=False)
+    for name, single in single_parts.items():
+        per_rank = [res[cfg][0][name] for res in rank_results]
+        if reduction == "none":
+            torch.testing.assert_close(torch.cat(per_rank), single, rtol=1e-12, atol=1e-12, msg=name)
+        else:
+            torch.testing.assert_close(torch.stack(per_rank).mean(), single, rtol=1e-12, atol=1e-12, msg=name)
+    # the gather's backward sums every rank's loss gradient; "none" is differentiated via the summed weighting
+    scale = 1 if reduction == "none" else WORLD
+    grads = torch.cat([res[cfg][1] for res in rank_results])
+    torch.testing.assert_close(grads, scale * single_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_backends(rank_results, backend):
+    single_loss, single_grad = run_loss(full_batch().float(), slice(None), "mean", 1.0, gather=False, backend=backend)
+    loss = torch.stack([res[backend][0]["loss"] for res in rank_results]).mean()
+    torch.testing.assert_close(loss, single_loss["loss"], rtol=1e-5, atol=1e-6)
+    grads = torch.cat([res[backend][1] for res in rank_results])
+    torch.testing.assert_close(grads, WORLD * single_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_requires_process_group():
+    assert not dist.is_initialized()
+    loss_fn = PMRLLoss(gather_with_grad=True)  # construction is fine: the group may be initialised later
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        loss_fn(torch.randn(4, 3, 8))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
