@@ -58,9 +58,19 @@ def _device_types() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def available_backends() -> list[str]:
-    """Names of the backends usable on this machine (on at least one of its device types)."""
-    return [name for name, spec in REGISTRY.items() if any(_usable(spec, d) for d in _device_types())]
+def backend_modules(device_type: str) -> dict[str, ModuleType]:
+    """Name -> module of the backends usable on tensors of this device type, in registry order."""
+    found = {name: _usable(spec, device_type) for name, spec in REGISTRY.items()}
+    return {name: module for name, module in found.items() if module is not None}
+
+
+def available_backends(device_type: Optional[str] = None) -> list[str]:
+    """Names of the backends usable on this machine: on tensors of `device_type` ("cpu", "cuda"), or on at least
+    one of the machine's device types when it is None."""
+    usable = set()
+    for d in [device_type] if device_type else _device_types():
+        usable.update(backend_modules(d))
+    return [name for name in REGISTRY if name in usable]
 
 
 def resolve(backend, zs: list[torch.Tensor]) -> ModuleType:

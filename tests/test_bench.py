@@ -1,0 +1,137 @@
+"""Smoke test of `python -m pmrl_kernels.bench`: tiny sizes, every target, mode and provider present here."""
+import contextlib
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pmrl_kernels import bench, reference
+from pmrl_kernels.backends import backend_modules
+
+TINY = ["--device", "cpu", "--quick", "--sizes", "B=16,32;M=3;D=8", "--repeats", "2", "--no-progress"]
+BASE = ["--providers", "recipe,svd,svdvals,torch,reference"]  # kernel backends: one cell each, below
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The rows of one tiny run, read back from its JSON and CSV, and what it printed."""
+    out = tmp_path_factory.mktemp("bench")
+    paths = {"json": out / "rows.json", "csv": out / "rows.csv"}
+    printed = io.StringIO()  # capsys is function-scoped: capture by hand for this module-scoped run
+    with contextlib.redirect_stdout(printed):
+        assert bench.main(TINY + BASE + ["--json", str(paths["json"]), "--csv", str(paths["csv"])]) == 0
+    rows = json.loads(paths["json"].read_text())
+    with open(paths["csv"], newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    return rows, csv_rows, printed.getvalue(), paths
+
+
+def test_every_cell_runs_and_is_well_formed(run):
+    rows, _, _, _ = run
+    assert {r["target"] for r in rows} == set(bench.TARGETS)
+    assert {r["mode"] for r in rows} == set(bench.MODES)
+    assert {"recipe", "svd", "svdvals", "torch", "reference"} <= {r["provider"] for r in rows}
+    assert {(r["B"], r["M"], r["D"], r["dtype"]) for r in rows} == {(16, 3, 8, "float32"), (32, 3, 8, "float32")}
+    bad = [(r["target"], r["mode"], r["provider"], r["state"], r["note"]) for r in rows if r["state"] != "ok"]
+    assert not bad
+    for r in rows:
+        assert list(r) == list(bench.FIELDS)
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["peak_mem_mb"] >= 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
+        assert r["speedup_vs_torch"] > 0
+        assert r["torch"] == torch.__version__ and r["device"] and r["device_type"] == "cpu"
+        if r["provider"] in ("recipe", "torch") and r["target"] != "contrastive":
+            assert r[f"speedup_vs_{r['provider']}"] == 1.0
+
+
+def test_csv_matches_json_and_table_is_printed(run):
+    rows, csv_rows, printed, _ = run
+    assert [r["provider"] for r in csv_rows] == [r["provider"] for r in rows]
+    assert list(csv_rows[0]) == list(bench.FIELDS)
+    assert float(csv_rows[0]["median_ms"]) == pytest.approx(rows[0]["median_ms"])
+    assert "float32  B=16  M=3  D=8" in printed and "x recipe" in printed
+
+
+def test_load_and_plot(run, tmp_path):
+    pytest.importorskip("matplotlib")
+    *_, paths = run
+    png = tmp_path / "plot.png"
+    assert bench.main(["--load", str(paths["json"]), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_kernel_backend_is_picked_up(tmp_path):
+    """Each backend available here runs through the bench (Triton under its interpreter is slow: one cell)."""
+    modules = backend_modules("cpu")
+    path = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--quick", "--sizes", "B=16;M=3;D=8", "--repeats", "1", "--no-progress",
+            "--targets", "align,contrastive", "--modes", "full", "--json", str(path)]
+    assert bench.main(argv) == 0
+    rows = json.loads(path.read_text())
+    assert [(r["provider"], r["state"]) for r in rows if r["state"] != "ok"] == []
+    assert {r["provider"] for r in rows if r["target"] == "align"} == set(bench.BASE_PROVIDERS) | set(modules)
+    own = {n for n, m in modules.items() if getattr(m, "contrastive", None) not in (None, reference.contrastive)}
+    assert {r["provider"] for r in rows if r["target"] == "contrastive"} == {"torch"} | own
+
+
+def test_skips_are_cell_states_and_the_run_goes_on(tmp_path):
+    path = tmp_path / "rows.json"
+    argv = TINY + ["--targets", "align", "--providers", "recipe,torch", "--json", str(path)]
+    assert bench.main(argv + ["--mem-budget", "1e-9"]) == 0
+    assert {r["state"] for r in json.loads(path.read_text())} == {"OOM-skip"}
+    assert bench.main(argv + ["--time-limit", "1e-9", "--modes", "forward"]) == 0
+    states = {(r["B"], r["state"]) for r in json.loads(path.read_text())}
+    assert states == {(16, "timeout"), (32, "timeout-skip")}
+
+
+@pytest.mark.parametrize("error, states", [
+    (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 GB"), ["OOM", "OOM-skip"]),
+    (ValueError("broken provider"), ["error", "error"]),
+])
+def test_a_failing_provider_is_a_cell_state(monkeypatch, tmp_path, error, states):
+    def fail(zs, target):
+        raise error
+
+    monkeypatch.setitem(bench.BASE_FORWARD, "svd", fail)
+    path = tmp_path / "rows.json"
+    argv = TINY + ["--targets", "align", "--modes", "forward", "--providers", "svd,torch", "--json", str(path)]
+    assert bench.main(argv) == 0
+    rows = json.loads(path.read_text())
+    assert [r["state"] for r in rows if r["provider"] == "svd"] == states
+    assert all(r["state"] == "ok" for r in rows if r["provider"] == "torch")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "B=0"], "must be >= 1"),
+    (["--sizes", "X=3"], "KEY=N"),
+    (["--sizes", "M=1"], "must be >= 2"),
+    (["--sizes", "B=ten"], "integers"),
+    (["--providers", "nope"], "unknown ['nope']"),
+    (["--targets", "loss,foo"], "unknown ['foo']"),
+    (["--modes", ""], "choose from"),
+    (["--dtype", "int8"], "unknown ['int8']"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--time-limit", "-1"], "must be > 0"),
+    (["--load", "/nonexistent/rows.json"], "cannot read"),
+    (["--targets", "contrastive", "--providers", "svdvals"], "no provider computes"),
+    pytest.param(["--providers", "cuda"], "not available on cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")),
+])
+def test_bad_flags_fail_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--no-progress"] + argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    root = Path(bench.__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pmrl_kernels.bench", "--help"], cwd=root, capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "--sizes" in done.stdout
