@@ -1,0 +1,177 @@
+// Device-side pieces shared by the CUDA kernels of gram_eig (gram_eig_forward.cu) and of its backward
+// (gram_eig_backward.cu). No torch header anywhere under csrc/cuda: CI compiles each .cu file with a bare
+// `nvcc -c -std=c++17 -arch=sm_90 -Icsrc/include`.
+//
+// One group of G lanes per instance (G a power of two <= 32 chosen from D, so short rows do not leave lanes
+// idle; a group never straddles a warp). A group walks D with its lanes on consecutive features (coalesced,
+// 4-element vector loads when every row allows them), accumulates the reductions in registers in the compute
+// type, sums them with warp shuffles, runs the per-instance maths of pmrl/instance.h in every lane (no shared
+// memory, no synchronisation), then walks D once more to write lead or dL/dz. Offsets are 64-bit.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <initializer_list>
+#include <type_traits>
+
+#include "pmrl/instance.h"
+#include "pmrl/launch.h"
+
+namespace pmrl::cuda {
+
+constexpr int kThreads = 256;
+constexpr int kVec = 4;  // features per lane and step when every row is 4-element aligned
+
+// Conversions between the storage and the compute type: implicit for float and double, intrinsics for the 16-bit
+// types (torch's build disables their implicit conversions).
+template <class T>
+__device__ __forceinline__ T widen(T x) {
+  return x;
+}
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class Out, class T>
+__device__ __forceinline__ Out narrow(T x) {
+  if constexpr (std::is_same_v<Out, __half>) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same_v<Out, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return x;
+  }
+}
+
+// V consecutive elements moved by one (vector) memory access; the caller guarantees the alignment.
+template <class E, int V>
+struct alignas(sizeof(E) * V) Pack {
+  E v[V];
+};
+
+template <int V, class T, class In>
+__device__ __forceinline__ void load(const In* p, T (&out)[V]) {
+  const Pack<In, V> pack = *reinterpret_cast<const Pack<In, V>*>(p);
+  PMRL_UNROLL
+  for (int v = 0; v < V; ++v) out[v] = widen(pack.v[v]);
+}
+
+template <int V, class T, class Out>
+__device__ __forceinline__ void store(Out* p, const T (&x)[V]) {
+  Pack<Out, V> pack;
+  PMRL_UNROLL
+  for (int v = 0; v < V; ++v) pack.v[v] = narrow<Out>(x[v]);
+  *reinterpret_cast<Pack<Out, V>*>(p) = pack;
+}
+
+// Sum over the `group` lanes of an instance (aligned, a power of two); every lane of the warp must call it.
+template <class T>
+__device__ __forceinline__ T group_sum(T v, int group) {
+  for (int offset = group >> 1; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Calls f(std::integral_constant<int, V>{}) with V = kVec or 1: one branch for the whole kernel.
+template <class F>
+__device__ __forceinline__ void with_vec(bool vec, F&& f) {
+  if (vec) {
+    f(std::integral_constant<int, kVec>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Where one instance's data lives, and which features this lane reads.
+template <class In, int M>
+struct Lanes {
+  const In* rows[M];
+  int64_t instance, dim;  // dim is 0 for the lanes past the batch: they only join the shuffles
+  int lane, group;
+  bool valid;
+
+  __device__ Lanes(const Rows& z, int64_t batch, int64_t dim_, int group_) : group(group_) {
+    const int64_t thread = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    instance = thread / group;
+    lane = threadIdx.x & (group - 1);
+    valid = instance < batch;
+    dim = valid ? dim_ : 0;
+    PMRL_UNROLL
+    for (int m = 0; m < M; ++m) rows[m] = static_cast<const In*>(z.ptr[m]) + (valid ? instance : 0) * z.stride[m];
+  }
+
+  // f(d, x): x[m][v] is feature d + v of row m, for this lane's features.
+  template <int V, class T, class F>
+  __device__ __forceinline__ void for_features(F&& f) const {
+    for (int64_t d = int64_t(lane) * V; d < dim; d += int64_t(group) * V) {
+      T x[M][V];
+      PMRL_UNROLL
+      for (int m = 0; m < M; ++m) load<V>(rows[m] + d, x[m]);
+      f(d, x);
+    }
+  }
+
+  // out[r * stride + d] = sum_m a[r][m] z_m[d] + e[r] extra[d] for r < R (extra may be null).
+  template <int V, int R, class T, class Out>
+  __device__ __forceinline__ void write_rows(const T (&a)[R][M], const T (&e)[R], const T* extra, Out* out,
+                                             int64_t stride) const {
+    for_features<V, T>([&](int64_t d, const T (&x)[M][V]) {
+      T g[V];
+      PMRL_UNROLL
+      for (int v = 0; v < V; ++v) g[v] = T(0);
+      if (extra != nullptr) load<V>(extra + d, g);
+      PMRL_UNROLL
+      for (int r = 0; r < R; ++r) {
+        T y[V];
+        PMRL_UNROLL
+        for (int v = 0; v < V; ++v) {
+          y[v] = e[r] * g[v];
+          PMRL_UNROLL
+          for (int m = 0; m < M; ++m) y[v] += a[r][m] * x[m][v];
+        }
+        store<V>(out + r * stride + d, y);
+      }
+    });
+  }
+};
+
+// 4-element vector access is valid when D and every row stride are multiples of 4 and every row, and every
+// [B, D] tensor of the compute type (lead, its gradient: contiguous, but possibly at an odd storage offset),
+// starts aligned. The outputs are fresh allocations with rows of D elements: aligned when D is.
+template <class In, class T>
+bool allow_vec(const Rows& z, int m, int64_t dim, std::initializer_list<const void*> compute_rows) {
+  if (dim % kVec != 0) return false;
+  for (int k = 0; k < m; ++k) {
+    if (reinterpret_cast<uintptr_t>(z.ptr[k]) % (kVec * sizeof(In)) != 0 || z.stride[k] % kVec != 0) return false;
+  }
+  for (const void* p : compute_rows) {
+    if (reinterpret_cast<uintptr_t>(p) % (kVec * sizeof(T)) != 0) return false;
+  }
+  return true;
+}
+
+// Lanes per instance: the smallest power of two (<= 32) whose lanes cover D in one step at most.
+inline int group_size(int64_t dim, int vec) {
+  int group = 32;
+  while (group > 1 && int64_t(group / 2) * vec >= dim) group /= 2;
+  return group;
+}
+
+// Launches kernel_for(Types<In, T>{}, integral_constant M) (a kernel taking (args, group, vec)) for the
+// arguments' dtype and M, one group of lanes per instance; compute_rows are the [B, D] tensors of the compute type
+// the kernel reads or writes (null: none).
+template <class Args, class KernelFor>
+cudaError_t launch_over_instances(const Args& args, std::initializer_list<const void*> compute_rows,
+                                  cudaStream_t stream, KernelFor kernel_for) {
+  if (args.batch == 0) return cudaSuccess;
+  dispatch_types<__half, __nv_bfloat16>(args.dtype, args.m, [&](auto types, auto mc) {
+    using Ty = decltype(types);
+    const bool vec = allow_vec<typename Ty::input, typename Ty::compute>(args.z, args.m, args.dim, compute_rows);
+    const int group = group_size(args.dim, vec ? kVec : 1);
+    const int64_t blocks = (args.batch * group + kThreads - 1) / kThreads;
+    kernel_for(types, mc)<<<dim3(static_cast<unsigned>(blocks)), kThreads, 0, stream>>>(args, group, vec);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace pmrl::cuda

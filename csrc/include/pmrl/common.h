@@ -1,0 +1,97 @@
+// Host/device shim, constants and compile-time dispatch shared by the CPU and CUDA kernels.
+// No torch header may be included here: the CUDA sources must compile with a bare nvcc.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#if defined(__CUDACC__)
+#define PMRL_HD __host__ __device__ __forceinline__
+#define PMRL_PRAGMA(x) _Pragma(#x)
+// Full unrolling keeps per-instance arrays in registers (indices become compile-time constants).
+#define PMRL_UNROLL _Pragma("unroll")
+// For a loop over the modalities, inside a template on M: unrolled only while the M x M arrays can live in
+// registers at all (M <= kUnrollMaxM); beyond that they spill anyway, and full unrolling of the O(M^3) maths
+// would take nvcc minutes per kernel.
+#define PMRL_UNROLL_M PMRL_PRAGMA(unroll((M) <= ::pmrl::kUnrollMaxM ? (M) : 1))
+#else
+#define PMRL_HD inline
+#define PMRL_UNROLL
+#define PMRL_UNROLL_M
+#endif
+
+namespace pmrl {
+
+// The same values as pmrl_kernels/reference.py (SIGMA_EPS, GAP_EPS, NORM_EPS, SIGN_TOL): the kernels must agree with the
+// oracle at the singular points too, not only away from them.
+constexpr double kSigmaEps = 1e-3;
+constexpr double kGapEps = 1e-4;
+constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
+constexpr double kSignTol = 1e-4;
+
+constexpr int kMinM = 2;
+constexpr int kMaxM = 16;
+
+constexpr int kUnrollMaxM = 8;  // see PMRL_UNROLL_M
+
+// Cyclic Jacobi converges quadratically (M = 16 needs about 10 sweeps in double precision); the cap only bounds
+// the work on pathological input, so the solver terminates on anything.
+constexpr int kMaxSweeps = 40;
+
+template <class T>
+struct Num;
+
+template <>
+struct Num<float> {
+  static PMRL_HD float tiny() { return FLT_MIN; }  // torch.finfo(torch.float32).tiny
+  static PMRL_HD float eps() { return FLT_EPSILON; }
+  static PMRL_HD float sqrt(float x) { return ::sqrtf(x); }
+  static PMRL_HD float abs(float x) { return ::fabsf(x); }
+};
+
+template <>
+struct Num<double> {
+  static PMRL_HD double tiny() { return DBL_MIN; }
+  static PMRL_HD double eps() { return DBL_EPSILON; }
+  static PMRL_HD double sqrt(double x) { return ::sqrt(x); }
+  static PMRL_HD double abs(double x) { return ::fabs(x); }
+};
+
+template <class T>
+PMRL_HD T quiet_nan() {
+  return static_cast<T>(NAN);
+}
+
+// NaN and +-Inf both fail: x - x is NaN for them.
+template <class T>
+PMRL_HD bool is_finite(T x) {
+  return x - x == T(0);
+}
+
+// x / (x^2 + floor^2): 1/x for |x| >> floor, smoothly 0 at x = 0 (reference.safe_inverse).
+template <class T>
+PMRL_HD T safe_inverse(T x, T floor_sq) {
+  return x / (x * x + floor_sq);
+}
+
+// Calls f(std::integral_constant<int, m>{}) for a runtime m in [Lo, Hi] (the caller has checked the range), so
+// every per-instance array is sized at compile time.
+template <int Lo, int Hi, class F>
+decltype(auto) dispatch_m(int m, F&& f) {
+  if constexpr (Lo == Hi) {
+    return f(std::integral_constant<int, Lo>{});
+  } else {
+    if (m == Lo) return f(std::integral_constant<int, Lo>{});
+    return dispatch_m<Lo + 1, Hi>(m, std::forward<F>(f));
+  }
+}
+
+template <class F>
+decltype(auto) dispatch_modalities(int m, F&& f) {
+  return dispatch_m<kMinM, kMaxM>(m, std::forward<F>(f));
+}
+
+}  // namespace pmrl

@@ -1,0 +1,286 @@
+// Self-checks of the header-only per-instance maths (pmrl/eigen.h, pmrl/instance.h), built and run by ctest
+// (CMakeLists.txt): known spectra, rank 1, ties, non-finite input, and the backward coefficients against central
+// finite differences in double. Exits non-zero on the first failure.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "pmrl/instance.h"
+
+namespace {
+
+int failures = 0;
+
+void check(bool ok, const char* what, double value = 0.0) {
+  if (!ok) {
+    std::fprintf(stderr, "FAILED: %s (%g)\n", what, value);
+    ++failures;
+  }
+}
+
+std::mt19937_64 rng(12345);
+
+double normal() { return std::normal_distribution<double>(0.0, 1.0)(rng); }
+
+// max |G u_k - lam_k u_k|, max |U^T U - I|, descending order, and the sign rule, for the decomposition of g.
+template <class T, int M>
+void check_decomposition(const T (&g)[M][M], T tol, const char* what) {
+  T a[M][M], lam[M], u[M][M];
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < M; ++c) a[r][c] = g[r][c];
+  pmrl::eigh_descending<T, M>(a, lam, u);
+  T scale = 0;
+  for (int r = 0; r < M; ++r) scale = std::fmax(scale, std::fabs(g[r][r]));
+  double residual = 0, orth = 0, sign = 0;
+  for (int k = 0; k < M; ++k) {
+    T sum = 0;
+    for (int r = 0; r < M; ++r) {
+      T gu = 0;
+      for (int c = 0; c < M; ++c) gu += g[r][c] * u[c][k];
+      // lam is clamped at 0: a slightly negative eigenvalue of g leaves a residual of its size
+      residual = std::fmax(residual, std::fabs(gu - lam[k] * u[r][k]));
+      sum += u[r][k];
+    }
+    if (sum < 0) sign = 1;
+    if (k + 1 < M && lam[k] < lam[k + 1]) sign = 1;
+    if (lam[k] < 0) sign = 1;
+    for (int l = 0; l < M; ++l) {
+      T dot = 0;
+      for (int r = 0; r < M; ++r) dot += u[r][k] * u[r][l];
+      orth = std::fmax(orth, std::fabs(dot - T(k == l)));
+    }
+  }
+  check(residual <= tol * (scale + 1), what, residual);
+  check(orth <= tol, what, orth);
+  check(sign == 0, what);
+}
+
+// A random Gram matrix X X^T (positive semi-definite, as every G is), X of M x (M + 1).
+template <int M>
+void random_gram() {
+  double x[M][M + 1], g[M][M];
+  float gf[M][M];
+  for (auto& row : x)
+    for (double& v : row) v = normal();
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < M; ++c) {
+      g[r][c] = 0;
+      for (int d = 0; d <= M; ++d) g[r][c] += x[r][d] * x[c][d];
+      gf[r][c] = static_cast<float>(g[r][c]);
+    }
+  check_decomposition<double, M>(g, 1e-12, "random Gram matrix, double");
+  check_decomposition<float, M>(gf, 2e-5f, "random Gram matrix, float");
+}
+
+template <int... Ms>
+void random_gram_all(std::integer_sequence<int, Ms...>) {
+  (random_gram<Ms + pmrl::kMinM>(), ...);
+}
+
+void known_spectra() {
+  {  // eigenvalues 3 and 1 of [[2, 1], [1, 2]] with an unambiguous first column
+    double g[2][2] = {{2, 1}, {1, 2}}, lam[2], u[2][2];
+    pmrl::eigh_descending<double, 2>(g, lam, u);
+    check(std::fabs(lam[0] - 3) < 1e-14 && std::fabs(lam[1] - 1) < 1e-14, "2x2 eigenvalues");
+    check(std::fabs(u[0][0] - std::sqrt(0.5)) < 1e-14 && std::fabs(u[1][0] - std::sqrt(0.5)) < 1e-14, "2x2 u1");
+  }
+  {  // already diagonal, unsorted: a permutation, sorted descending
+    double g[3][3] = {{1, 0, 0}, {0, 5, 0}, {0, 0, 3}}, lam[3], u[3][3];
+    pmrl::eigh_descending<double, 3>(g, lam, u);
+    check(lam[0] == 5 && lam[1] == 3 && lam[2] == 1, "diagonal eigenvalues sorted");
+    check(u[1][0] == 1 && u[2][1] == 1 && u[0][2] == 1, "diagonal eigenvectors permuted");
+  }
+  {  // rank 1: G = x x^T, lam = (|x|^2, 0, ...), u1 = x / |x| signed to sum >= 0
+    constexpr int M = 5;
+    double x[M], g[M][M], lam[M], u[M][M], norm2 = 0;
+    for (int m = 0; m < M; ++m) {
+      x[m] = normal() - 0.3;
+      norm2 += x[m] * x[m];
+    }
+    for (int r = 0; r < M; ++r)
+      for (int c = 0; c < M; ++c) g[r][c] = x[r] * x[c];
+    check_decomposition<double, M>(g, 1e-13, "rank 1");
+    pmrl::eigh_descending<double, M>(g, lam, u);
+    double sum = 0;
+    for (int m = 0; m < M; ++m) sum += x[m];
+    const double sign = sum >= 0 ? 1.0 : -1.0;
+    check(std::fabs(lam[0] - norm2) < 1e-12 * norm2, "rank 1 lam1");
+    for (int k = 1; k < M; ++k) check(lam[k] >= 0 && lam[k] < 1e-13 * norm2, "rank 1 lam_k", lam[k]);
+    for (int m = 0; m < M; ++m) check(std::fabs(u[m][0] - sign * x[m] / std::sqrt(norm2)) < 1e-12, "rank 1 u1");
+  }
+  {  // ties: the identity, and a double eigenvalue under a random rotation
+    double id[16][16] = {};
+    for (int m = 0; m < 16; ++m) id[m][m] = 1;
+    check_decomposition<double, 16>(id, 1e-15, "identity");
+    constexpr int M = 4;
+    double q[M][M], g[M][M] = {}, d[M] = {3, 1, 1, 0.5};
+    for (int r = 0; r < M; ++r)  // Gram-Schmidt of a random matrix
+      for (int c = 0; c < M; ++c) q[r][c] = normal();
+    for (int c = 0; c < M; ++c) {
+      for (int p = 0; p < c; ++p) {
+        double dot = 0;
+        for (int r = 0; r < M; ++r) dot += q[r][c] * q[r][p];
+        for (int r = 0; r < M; ++r) q[r][c] -= dot * q[r][p];
+      }
+      double n = 0;
+      for (int r = 0; r < M; ++r) n += q[r][c] * q[r][c];
+      for (int r = 0; r < M; ++r) q[r][c] /= std::sqrt(n);
+    }
+    for (int r = 0; r < M; ++r)
+      for (int c = 0; c < M; ++c)
+        for (int k = 0; k < M; ++k) g[r][c] += q[r][k] * d[k] * q[c][k];
+    check_decomposition<double, M>(g, 1e-13, "double eigenvalue");
+  }
+}
+
+void non_finite_terminates() {
+  const double bad[] = {NAN, INFINITY, -INFINITY};
+  for (double x : bad) {
+    double g[3][3] = {{1, 0.5, 0}, {0.5, 2, x}, {0, x, 1}}, lam[3], u[3][3];
+    pmrl::eigh_descending<double, 3>(g, lam, u);
+    bool all_nan = true;
+    for (int r = 0; r < 3; ++r) {
+      all_nan = all_nan && std::isnan(lam[r]);
+      for (int c = 0; c < 3; ++c) all_nan = all_nan && std::isnan(u[r][c]);
+    }
+    check(all_nan, "non-finite input gives NaN everywhere");
+  }
+  // extreme but finite dynamic range: terminates with a valid decomposition
+  float g[2][2] = {{1e30f, 1e-30f}, {1e-30f, 1e-30f}};
+  check_decomposition<float, 2>(g, 1e-6f, "extreme dynamic range");
+}
+
+// One instance end to end, with plain loops over D: S, lead and dL/dz for L = gs . S + gl . lead.
+template <int M>
+struct Instance {
+  int dim;
+  bool normalize;
+  std::vector<double> z;  // [M][dim]
+
+  void forward(const std::vector<double>& zz, pmrl::Spectrum<double, M>& sp, std::vector<double>& lead) const {
+    double g[M][M];
+    for (int m = 0; m < M; ++m)
+      for (int k = 0; k < M; ++k) {
+        g[m][k] = 0;
+        for (int d = 0; d < dim; ++d) g[m][k] += zz[m * dim + d] * zz[k * dim + d];
+      }
+    pmrl::gram_spectrum<double, M>(g, normalize, sp);
+    lead.assign(dim, 0.0);
+    for (int m = 0; m < M; ++m)
+      for (int d = 0; d < dim; ++d) lead[d] += sp.lead_coef[m] * zz[m * dim + d];
+  }
+
+  double loss(const std::vector<double>& zz, const double (&gs)[M], const std::vector<double>& gl) const {
+    pmrl::Spectrum<double, M> sp;
+    std::vector<double> lead;
+    forward(zz, sp, lead);
+    double l = 0;
+    for (int k = 0; k < M; ++k) l += gs[k] * sp.s[k];
+    for (int d = 0; d < dim; ++d) l += gl[d] * lead[d];
+    return l;
+  }
+
+  std::vector<double> backward(const double (&gs)[M], const std::vector<double>& gl) const {
+    pmrl::Spectrum<double, M> sp;
+    std::vector<double> lead;
+    forward(z, sp, lead);
+    double sq[M] = {}, zg[M] = {}, lg = 0, a[M][M], e[M];
+    for (int m = 0; m < M; ++m)
+      for (int d = 0; d < dim; ++d) {
+        sq[m] += z[m * dim + d] * z[m * dim + d];
+        zg[m] += z[m * dim + d] * gl[d];
+      }
+    for (int d = 0; d < dim; ++d) lg += lead[d] * gl[d];
+    pmrl::backward_coefficients<double, M>(sp.s, sp.u, gs, true, sq, zg, lg, normalize, a, e);
+    std::vector<double> dz(M * dim, 0.0);
+    for (int m = 0; m < M; ++m)
+      for (int d = 0; d < dim; ++d) {
+        dz[m * dim + d] = e[m] * gl[d];
+        for (int n = 0; n < M; ++n) dz[m * dim + d] += a[m][n] * z[n * dim + d];
+      }
+    return dz;
+  }
+};
+
+template <int M>
+void backward_matches_finite_differences(int dim, bool normalize) {
+  // Rows around a common direction: the sign of u_1 is far from its switching point (sum u_1 = 0), which a
+  // finite difference must not cross.
+  Instance<M> inst{dim, normalize, std::vector<double>(M * dim)};
+  std::vector<double> base(dim);
+  for (double& x : base) x = normal();
+  for (int j = 0; j < M * dim; ++j) inst.z[j] = base[j % dim] + normal();
+  double gs[M];
+  for (double& x : gs) x = normal();
+  std::vector<double> gl(dim);
+  for (double& x : gl) x = normal();
+  const std::vector<double> dz = inst.backward(gs, gl);
+  double worst = 0, scale = 0;
+  for (int j = 0; j < M * dim; ++j) {
+    const double h = 1e-6;
+    std::vector<double> zp = inst.z, zm = inst.z;
+    zp[j] += h;
+    zm[j] -= h;
+    const double fd = (inst.loss(zp, gs, gl) - inst.loss(zm, gs, gl)) / (2 * h);
+    worst = std::fmax(worst, std::fabs(fd - dz[j]));
+    scale = std::fmax(scale, std::fabs(fd));
+  }
+  // The floors of the singular cases move the result by (SIGMA_EPS sigma_1 / sigma_k)^2 relative: ~1e-5 here.
+  check(worst <= 1e-4 * (1 + scale), normalize ? "backward vs finite differences (normalize)"
+                                                : "backward vs finite differences (raw rows)", worst);
+}
+
+// A zero row under normalisation: every output finite, that row's gradient exactly 0 (as F.normalize's would
+// be: its normalised row is 0 whatever the direction).
+void zero_row_backward() {
+  constexpr int M = 3;
+  Instance<M> inst{6, true, std::vector<double>(M * 6)};
+  for (int j = 6; j < M * 6; ++j) inst.z[j] = normal();
+  const double gs[M] = {0.3, -1.0, 2.0};
+  std::vector<double> gl(6);
+  for (double& x : gl) x = normal();
+  const std::vector<double> dz = inst.backward(gs, gl);
+  bool finite = true, zero = true;
+  for (int j = 0; j < M * 6; ++j) finite = finite && std::isfinite(dz[j]);
+  for (int d = 0; d < 6; ++d) zero = zero && dz[d] == 0.0;
+  check(finite, "zero row: finite gradient");
+  check(zero, "zero row: zero gradient on the zero row");
+}
+
+// G = I (orthonormal rows): the top eigenvalue is tied, the lead terms stay finite (safe_inverse of a 0 gap).
+void tie_backward_finite() {
+  constexpr int M = 4;
+  Instance<M> inst{5, true, std::vector<double>(M * 5, 0.0)};
+  for (int m = 0; m < M; ++m) inst.z[m * 5 + m] = 2.0;
+  const double gs[M] = {1, 1, 1, 1};
+  const std::vector<double> gl = {0.5, -1, 2, 0.25, 3};
+  const std::vector<double> dz = inst.backward(gs, gl);
+  bool finite = true;
+  for (double x : dz) finite = finite && std::isfinite(x);
+  check(finite, "tie: finite gradient");
+}
+
+}  // namespace
+
+int main() {
+  known_spectra();
+  for (int trial = 0; trial < 20; ++trial)
+    random_gram_all(std::make_integer_sequence<int, pmrl::kMaxM - pmrl::kMinM + 1>{});
+  non_finite_terminates();
+  for (bool normalize : {true, false}) {
+    backward_matches_finite_differences<2>(3, normalize);
+    backward_matches_finite_differences<3>(7, normalize);
+    backward_matches_finite_differences<5>(9, normalize);
+    backward_matches_finite_differences<8>(12, normalize);
+  }
+  zero_row_backward();
+  tie_backward_finite();
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return EXIT_FAILURE;
+  }
+  std::printf("header maths: all checks passed\n");
+  return EXIT_SUCCESS;
+}
