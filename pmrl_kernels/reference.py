@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .autograd import gram_eig_autograd
 from .inputs import compute_dtype
 
 SIGMA_EPS = 1e-3
@@ -128,26 +129,8 @@ def gram_eig_backward(
     return dzn.to(zs[0].dtype)
 
 
-class _GramEig(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, normalize: bool, *zs: torch.Tensor):
-        s, u, lead = gram_eig_forward(list(zs), normalize)
-        ctx.save_for_backward(*zs, s, u, lead)
-        ctx.normalize = normalize
-        ctx.mark_non_differentiable(u)
-        return s, u, lead
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_s, grad_u, grad_lead):
-        *zs, s, u, lead = ctx.saved_tensors
-        dz = gram_eig_backward(zs, s, u, lead, grad_s, grad_lead, ctx.normalize)
-        return (None, *dz.unbind(1))
-
-
-def gram_eig(zs: list[torch.Tensor], normalize: bool):
-    """(S, U, lead) with gradients to zs through S and lead; U is returned without gradient."""
-    return _GramEig.apply(normalize, *zs)
+gram_eig = gram_eig_autograd(gram_eig_forward, gram_eig_backward)
+gram_eig.__doc__ = "(S, U, lead) with gradients to zs through S and lead; U is returned without gradient."
 
 
 def contrastive(rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int = 0) -> torch.Tensor:

@@ -159,3 +159,17 @@ def test_output_dict_must_be_bool():
 def test_unavailable_backend_lists_the_available_ones():
     with pytest.raises(ValueError, match=r"backend 'cuda' is not available for cpu tensors.*available here"):
         pmrl_loss(GOOD, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_torch_compile_fullgraph_equals_eager(backend):
+    # the whole public call (checks, backend choice, both terms) traces without a graph break
+    z = random_embeddings(16, 3, 24, dtype=torch.float32)
+    compiled = torch.compile(lambda z: pmrl_loss(list(z.unbind(1)), backend=backend), fullgraph=True,
+                             backend="aot_eager")
+    zc, ze = z.clone().requires_grad_(), z.clone().requires_grad_()
+    lc, le = compiled(zc), pmrl_loss(list(ze.unbind(1)), backend=backend)
+    (2.0 * lc).backward()
+    (2.0 * le).backward()
+    assert_close(lc, le, 1e-6, 1e-6, "loss")
+    assert_close(zc.grad, ze.grad, 1e-6, 1e-5, "grad")

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..autograd import gram_eig_autograd
 from ..reference import GAP_EPS, NORM_EPS, SIGMA_EPS, SIGN_TOL
 from .triton_contrastive import contrastive
 
@@ -410,29 +411,14 @@ def gram_eig_bwd(
 # ----------------------------------------------------------------------------------------------- autograd
 
 
-class _GramEig(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, normalize: bool, *zs: torch.Tensor):
-        s, u, lead = torch.ops.pmrl_triton.gram_eig_fwd(list(zs), normalize)
-        ctx.save_for_backward(*zs, s, u)
-        ctx.normalize = normalize
-        ctx.mark_non_differentiable(u)
-        ctx.set_materialize_grads(False)  # an unused S or lead costs no zero-filled [B, D] gradient
-        return s, u, lead
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_s, grad_u, grad_lead):
-        *zs, s, u = ctx.saved_tensors
-        if grad_s is None and grad_lead is None:
-            return (None,) * (1 + len(zs))
-        dz = torch.ops.pmrl_triton.gram_eig_bwd(zs, s, u, grad_s, grad_lead, ctx.normalize)
-        return (None, *dz.unbind(1))
-
-
-def gram_eig(zs: list[torch.Tensor], normalize: bool):
-    """(S, U, lead) as reference.gram_eig, float32; gradients to zs through S and lead, none through U."""
-    return _GramEig.apply(normalize, *zs)
+# (S, U, lead) as reference.gram_eig, float32; gradients to zs through S and lead, none through U. The backward
+# kernel needs no lead (lead . gbar is b_1 / sigma_1).
+gram_eig = gram_eig_autograd(
+    lambda zs, normalize: torch.ops.pmrl_triton.gram_eig_fwd(zs, normalize),
+    lambda zs, s, u, lead, grad_s, grad_lead, normalize: torch.ops.pmrl_triton.gram_eig_bwd(
+        zs, s, u, grad_s, grad_lead, normalize
+    ),
+)
 
 
 # ----------------------------------------------------------------------------------------------- interface
