@@ -425,3 +425,19 @@ def test_sign_ties_are_broken_like_the_reference(device):
         assert (ref[1][:, :, 0].sum(-1).abs() < reference.SIGN_TOL).all(), "the test needs sign ties"
         assert torch.equal(torch.sign(u.cpu()), torch.sign(ref[1])), dtype
         assert torch.equal(torch.sign(lead.cpu()), torch.sign(ref[2])), dtype
+
+
+@needs_kernels
+@every_device
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_shorter_than_norm_eps(dtype, device):
+    # 0 < ||z_m|| < NORM_EPS: F.normalize divides by NORM_EPS, so zn_m is not a unit vector, and the projection of the
+    # normalisation backward is skipped for that row (reference.gram_eig_backward). An all-zero row cannot tell
+    # whether a kernel skips it too: its radial part is 0 either way.
+    z = random_embeddings(6, 4, 16, seed=31)
+    z = 3 * z[:, :1] + z  # correlated rows: lead and its sign are defined
+    z[:, 1] *= 0.3 * reference.NORM_EPS / z[:, 1].norm(dim=-1, keepdim=True)
+    zs = inputs(z.to(dtype), device)
+    check_forward(zs, True, *ops.gram_eig(zs, True))
+    for with_grad_s, with_grad_lead in ((True, True), (True, False), (False, True)):
+        check_backward(zs, True, with_grad_s, with_grad_lead)

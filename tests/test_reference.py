@@ -219,3 +219,71 @@ def test_near_tie_gradient_is_bounded():
     lead.sum().backward()
     bound = 1 / (2 * reference.GAP_EPS) * z.shape[1] * math.sqrt(z.shape[2])
     assert torch.isfinite(z.grad).all() and z.grad.abs().max() < bound
+
+
+def test_canonical_sign_rule_on_hand_made_columns():
+    # The rule of canonical_sign, applied by hand: the sign that makes the column sum >= 0; a sum within SIGN_TOL
+    # of 0 is a tie, decided by the sign of the first entry with |u_m| > SIGN_TOL.
+    tol = reference.SIGN_TOL
+    a = math.sqrt(0.5)
+    cases = [  # (column, expected sign)
+        ([0.6, 0.8, 0.0], 1.0),
+        ([0.6, -0.8, 0.0], -1.0),  # sum -0.2: no tie
+        ([a, -a, 0.0], 1.0),  # exact tie: the first entry is positive
+        ([-a, a, 0.0], -1.0),  # exact tie: the first entry is negative
+        ([-a, a + tol / 4, 0.0], -1.0),  # sum +tol/4 is still a tie: the first entry decides, not the sum's sign
+        ([a, -a - tol / 4, 0.0], 1.0),  # sum -tol/4: a tie again
+        ([tol / 2, -a, a], -1.0),  # the first entry is below SIGN_TOL: the second one decides
+        ([-tol / 2, a, -a], 1.0),
+        ([0.0, 0.0, -a], -1.0),  # the sum is not a tie: its sign
+    ]
+    u = torch.tensor([c for c, _ in cases], dtype=F64).T[None]  # [1, 3, K]: one column per case
+    expected = torch.tensor([[[s for _, s in cases]]], dtype=F64)
+    assert torch.equal(reference.canonical_sign(u), expected)
+    assert torch.equal(reference.canonical_sign(u.float()), expected.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sign_tie_of_rows_pointing_apart_follows_the_first_modality(dtype):
+    # M = 2 with z_2 pointing away from z_1: G = [[1, c], [c, 1]] with c < 0, u_1 = +-(1, -1)/sqrt 2 sums to 0 up to
+    # rounding, so the tie rule picks u_11 > 0, i.e. lead . zn_1 = sigma_1 u_11 > 0, whatever the rounding.
+    z = random_embeddings(64, 2, 9, seed=21)
+    z[:, 1] = -z[:, 0] + 0.3 * z[:, 1]
+    out = gram_svd(z.to(dtype), backend="reference")
+    assert (out.U[:, :, 0].sum(-1).abs() < reference.SIGN_TOL).all(), "the test needs sign ties"
+    zn = F.normalize(z.to(dtype), dim=-1)
+    assert ((out.lead * zn[:, 0]).sum(-1) > 0).all()
+    assert (out.U[:, 0, 0] > 0).all()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_singular_floors_are_relative_to_the_scale_of_the_rows(scale):
+    # normalize=False: S is homogeneous of degree 1 in z and lead of degree 0, so for L = gs . S the gradient does not
+    # change when z is scaled by c, and for L = gl . lead it is divided by c. The regularised 1/sigma_k and
+    # 1/(lambda_1 - lambda_k) keep that only because both floors are relative (SIGMA_EPS sigma_1, GAP_EPS lambda_1).
+    # The input makes both floors matter: sigma_3 = 3e-4 sigma_1 and lambda_1 - lambda_2 = 5e-5 lambda_1.
+    b, m, d = 4, 3, 8
+    g = torch.Generator().manual_seed(41)
+    q = torch.linalg.qr(torch.randn(d, m, generator=g, dtype=F64))[0].T  # m orthonormal directions in R^d
+    rot = torch.linalg.qr(torch.randn(b, m, m, generator=g, dtype=F64))[0]  # per-instance rotation of the rows
+    norms = torch.tensor([1.0, math.sqrt(1 - 5e-5), 3e-4], dtype=F64)
+    z = rot @ (norms[:, None] * q)  # G = rot diag(norms^2) rot^T
+    grad_s = torch.randn(b, m, generator=g, dtype=F64)
+    grad_lead = torch.randn(b, d, generator=g, dtype=F64)
+
+    def grads(x):
+        xs = [t.clone().requires_grad_() for t in x.unbind(1)]
+        s, _, lead = reference.gram_eig(xs, False)
+        via_s = torch.stack(torch.autograd.grad(s, xs, grad_s, retain_graph=True), 1)
+        via_lead = torch.stack(torch.autograd.grad(lead, xs, grad_lead), 1)
+        return s, via_s, via_lead
+
+    s, via_s, via_lead = grads(z)
+    lam = s * s
+    assert (s[:, 2] < reference.SIGMA_EPS * s[:, 0]).all(), "the sigma floor must matter"
+    assert (lam[:, 0] - lam[:, 1] < reference.GAP_EPS * lam[:, 0]).all(), "the gap floor must matter"
+    assert (gram_svd(z, normalize=False, backend="reference").U[:, :, 0].sum(-1).abs() > 1e-2).all(), "sign defined"
+    s_c, via_s_c, via_lead_c = grads(scale * z)
+    assert_close(s_c, scale * s, 0, 1e-7, "S scales with the rows")
+    assert_close(via_s_c, via_s, 1e-7 * via_s.abs().max().item(), 1e-7, "gradient through S is scale-free")
+    assert_close(scale * via_lead_c, via_lead, 1e-7 * via_lead.abs().max().item(), 1e-7, "gradient through lead ~ 1/c")

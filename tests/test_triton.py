@@ -156,6 +156,22 @@ def test_many_modalities():
     check_gram_eig(z.float(), False, as_list=True)
 
 
+def test_rows_shorter_than_norm_eps():
+    """0 < ||z_m|| < NORM_EPS: normalised by NORM_EPS (so zn_m is not a unit vector) and the projection of the
+    normalisation backward skipped for that row, as in the reference; an all-zero row has no radial part to skip."""
+    z = correlated(70, 3, 24, seed=19, dtype=torch.float64)
+    z[:, 1] *= 0.3 * reference.NORM_EPS / z[:, 1].norm(dim=-1, keepdim=True)
+    check_gram_eig(z.float(), True, as_list=True)
+
+
+def test_unnormalised_small_rows():
+    """normalize=False with rows of norm ~2e-2: the floors of 1/sigma_k and 1/(lambda_1 - lambda_k) are relative
+    (SIGMA_EPS sigma_1, GAP_EPS lambda_1), so they stay negligible for these well separated singular values
+    (sigma_k >= 6e-3, lambda_1 - lambda_2 >= 6e-4), where absolute floors (1e-3 and 1e-4) would not be."""
+    z = 2e-3 * correlated(70, 3, 24, seed=19, dtype=torch.float64)
+    check_gram_eig(z.float(), False, as_list=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_input(dtype):
     """Computed in fp32 from the half values: S/U/lead fp32, dZ in the input dtype, as the reference."""
