@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .inputs import Embeddings, compute_dtype, flag, modality_list, positive_finite, reduction_name
+from .inputs import Embeddings, compute_dtype, flag, modality_list, positive_finite, reduce, reduction_name
 
 
 def _anchor_index(anchor, modalities: int) -> int:
@@ -49,12 +49,6 @@ def _symmetric_ce(logits: torch.Tensor) -> torch.Tensor:
     return 0.5 * (rows + cols)
 
 
-def _reduce(per_instance: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return per_instance
-    return per_instance.mean() if reduction == "mean" else per_instance.sum()
-
-
 def pairwise_infonce_loss(
     embeddings: Embeddings,
     *,
@@ -72,7 +66,7 @@ def pairwise_infonce_loss(
     """
     a, others, tau, reduction = _prepare(embeddings, anchor, tau, normalize, reduction)
     per_instance = sum(_symmetric_ce(a @ z.transpose(0, 1) / tau) for z in others)
-    return _reduce(per_instance, reduction)
+    return reduce(per_instance, reduction)
 
 
 def gram_volume(anchor: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
@@ -105,4 +99,4 @@ def gram_volume_loss(
     >>> gram_volume_loss(torch.randn(16, 3, 32), anchor=0, tau=0.07)
     """
     a, others, tau, reduction = _prepare(embeddings, anchor, tau, normalize, reduction)
-    return _reduce(_symmetric_ce(-gram_volume(a, others) / tau), reduction)
+    return reduce(_symmetric_ce(-gram_volume(a, others) / tau), reduction)

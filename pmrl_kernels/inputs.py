@@ -105,6 +105,13 @@ def reduction_name(value) -> str:
     return value
 
 
+def reduce(per_instance: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Apply a checked reduction ("mean", "sum" or "none") to per-instance values [B]."""
+    if reduction == "none":
+        return per_instance
+    return per_instance.mean() if reduction == "mean" else per_instance.sum()
+
+
 def flag(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from . import backends, distributed, reference
-from .inputs import Embeddings, flag, modality_list, non_negative_finite, positive_finite, reduction_name
+from .inputs import (
+    Embeddings, flag, modality_list, non_negative_finite, positive_finite, reduce, reduction_name,
+)
 
 
 class GramSVD(NamedTuple):
@@ -60,9 +62,7 @@ def _pmrl(embeddings, tau, tau_reg, reg_weight, normalize, reduction, backend, o
         cols, offset = (lead, 0) if gather is None else gather(lead)
         reg = getattr(impl, "contrastive", reference.contrastive)(lead, cols, tau_reg, offset)
     parts = {"loss": align + reg_weight * reg, "align": align, "reg": reg}
-    if reduction != "none":
-        reduce = torch.mean if reduction == "mean" else torch.sum
-        parts = {k: reduce(v) for k, v in parts.items()}
+    parts = {k: reduce(v, reduction) for k, v in parts.items()}
     return parts if output_dict else parts["loss"]
 
 
