@@ -15,25 +15,25 @@ import os
 import pytest
 import torch
 
-from pmrl_kernels import bench
-from pmrl_kernels.backends import backend_modules
+from pmrl_kernels.backends import available_backends
+from pmrl_kernels.bench import cells, cli, machine, providers, sweep, targets
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-MODULES = backend_modules(DEVICE.type)
-SIZES = bench.parse_sizes(os.environ.get("PMRL_BENCH_SIZES", ""), {"B": [16384], "M": [4], "D": [256]})
+SIZES = cli.parse_sizes(os.environ.get("PMRL_BENCH_SIZES", ""), {"B": [16384], "M": [4], "D": [256]})
 DTYPE = os.environ.get("PMRL_BENCH_DTYPE", "float32")
 ROUNDS = int(os.environ.get("PMRL_BENCH_ROUNDS", "10"))
-if DTYPE not in bench.DTYPES:
-    raise ValueError(f"PMRL_BENCH_DTYPE must be one of {list(bench.DTYPES)}, got {DTYPE!r}")
-CASES = bench.build_cases(
+if DTYPE not in cells.DTYPES:
+    raise ValueError(f"PMRL_BENCH_DTYPE must be one of {list(cells.DTYPES)}, got {DTYPE!r}")
+CASES = sweep.build_cases(
     [(DTYPE, b, m, d) for b, m, d in itertools.product(SIZES["B"], SIZES["M"], SIZES["D"])],
-    bench.TARGETS, bench.MODES, list(bench.BASE_PROVIDERS) + list(MODULES), MODULES,
+    list(targets.TARGETS), cells.MODES, list(providers.BASE_PROVIDERS) + available_backends(DEVICE.type),
+    DEVICE.type,
 )
 
 
 @functools.lru_cache(maxsize=1)  # cases run size by size: keep only the current size's inputs
 def _inputs(dtype, b, m, d):
-    return bench.make_inputs(dtype, b, m, d, DEVICE)
+    return cells.make_inputs(dtype, b, m, d, DEVICE)
 
 
 def _sync():
@@ -46,9 +46,8 @@ def _sync():
 )
 def test_pmrl(benchmark, case):
     try:
-        setup, fn = bench.prepare(case, _inputs(case.dtype, case.B, case.M, case.D), MODULES,
-                                  bench.memory_budget(DEVICE))
-    except bench.Skip as skip:
+        setup, fn = sweep.prepare(case, _inputs(case.dtype, case.B, case.M, case.D), sweep.memory_budget(DEVICE))
+    except cells.Skip as skip:
         pytest.skip(f"{skip.args[0]}: {skip.args[1]}")
 
     def timed_setup():
@@ -61,5 +60,5 @@ def test_pmrl(benchmark, case):
         _sync()
 
     benchmark.group = f"{case.target}-{case.mode}-{case.dtype}-B{case.B}-M{case.M}-D{case.D}"
-    benchmark.extra_info.update(provider=case.provider, device=bench.device_name(DEVICE), torch=torch.__version__)
+    benchmark.extra_info.update(provider=case.provider, device=machine.device_name(DEVICE), torch=torch.__version__)
     benchmark.pedantic(timed, setup=timed_setup, rounds=ROUNDS, warmup_rounds=1)

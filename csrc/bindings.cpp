@@ -1,7 +1,7 @@
 // The torch binding of pmrl_kernels._C: op schemas, input checks, output allocation, and the CPU and CUDA
 // implementations, which hand raw pointers to the launchers of pmrl/launch.h. The Python layer
 // (pmrl_kernels/ops/extension.py) validates arguments first; the TORCH_CHECKs here are the backstop for direct
-// calls of torch.ops.pmrl_kernels.*.
+// calls of torch.ops.pmrl_kernels.cxx_*.
 #include <ATen/ATen.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -156,22 +156,24 @@ Tensor gram_eig_backward_cuda(at::TensorList zs, const Tensor& s, const Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY(pmrl_kernels, m) {
-  m.def("gram_eig(Tensor[] zs, bool normalize) -> (Tensor S, Tensor U, Tensor lead)");
+// One namespace for every op of the package, named <implementation>_<op>_<fwd|bwd>: these are "cxx_"; the
+// Triton ops (pmrl_kernels/ops/triton_*.py) add "triton_" ones to the same namespace as fragments.
+TORCH_LIBRARY_FRAGMENT(pmrl_kernels, m) {
+  m.def("cxx_gram_eig_fwd(Tensor[] zs, bool normalize) -> (Tensor S, Tensor U, Tensor lead)");
   m.def(
-      "gram_eig_backward(Tensor[] zs, Tensor S, Tensor U, Tensor lead, Tensor? grad_S, Tensor? grad_lead, "
+      "cxx_gram_eig_bwd(Tensor[] zs, Tensor S, Tensor U, Tensor lead, Tensor? grad_S, Tensor? grad_lead, "
       "bool normalize) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pmrl_kernels, CPU, m) {
-  m.impl("gram_eig", &gram_eig_cpu);
-  m.impl("gram_eig_backward", &gram_eig_backward_cpu);
+  m.impl("cxx_gram_eig_fwd", &gram_eig_cpu);
+  m.impl("cxx_gram_eig_bwd", &gram_eig_backward_cpu);
 }
 
 #ifdef PMRL_WITH_CUDA
 TORCH_LIBRARY_IMPL(pmrl_kernels, CUDA, m) {
-  m.impl("gram_eig", &gram_eig_cuda);
-  m.impl("gram_eig_backward", &gram_eig_backward_cuda);
+  m.impl("cxx_gram_eig_fwd", &gram_eig_cuda);
+  m.impl("cxx_gram_eig_bwd", &gram_eig_backward_cuda);
 }
 #endif
 
@@ -183,6 +185,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #else
       false;
 #endif
-  module.attr("min_modalities") = pmrl::kMinM;
-  module.attr("max_modalities") = pmrl::kMaxM;
+  // The numeric contract as compiled (pmrl_kernels/constants.py holds the Python copy; a test compares them).
+  module.def("constants", [] {
+    pybind11::dict c;
+    c["SIGMA_EPS"] = pmrl::kSigmaEps;
+    c["GAP_EPS"] = pmrl::kGapEps;
+    c["NORM_EPS"] = pmrl::kNormEps;
+    c["SIGN_TOL"] = pmrl::kSignTol;
+    c["MIN_MODALITIES"] = pmrl::kMinM;
+    c["MAX_MODALITIES"] = pmrl::kMaxM;
+    c["JACOBI_REL_TOL"] = pmrl::kJacobiRelTol;
+    c["JACOBI_MAX_SWEEPS"] = pmrl::kMaxSweeps;
+    return c;
+  });
 }

@@ -1,67 +1,115 @@
-"""The backend registry: one entry per backend, nothing else to edit when a backend is added.
+"""The backend registry and per-op dispatch: one entry per backend, nothing else to edit when a backend is added.
 
-A backend is a module exposing
-    is_available(device_type: str) -> bool       # built/importable and usable on that device type
-    unsupported_reason(zs) -> str | None          # shapes/dtypes it cannot take (None: it can)
-    gram_eig(zs, normalize) -> (S, U, lead)       # differentiable through S and lead
-and optionally
-    contrastive(rows, cols, tau_reg, offset) -> [B]   # per-row InfoNCE over lead (default: reference.contrastive)
+The loss needs two ops (OPS). A backend implements some of them, each in a module that follows that op's
+Protocol below (one module may serve several ops):
+
+    gram_eig(embeddings, normalize) -> (S, U, lead)        # a [B, M, D] tensor or M tensors [B, D];
+                                                            # differentiable through S and lead
+    contrastive(rows, cols, tau_reg, offset) -> [B]         # per-row InfoNCE over the leads
+
+Every op module also says whether it can run on a device type (`is_available`) and which inputs it refuses
+(`<op>_unsupported(...)`, None when it takes them; gram_eig's gets the M row views). Wrapping a backward with
+pmrl_kernels.autograd.gram_eig_autograd gives the gram_eig op both input forms. `resolve(op, backend, inputs)`
+picks the implementation:
+
+- backend="auto": the first backend in AUTO_ORDER[op][device type] that is available and takes the inputs
+  (the reference backend takes everything);
+- a named backend that implements the op: that one, or a ValueError saying why it cannot run here;
+- a named backend that does not implement the op (the compiled backends have no contrastive kernel): the op
+  resolves as under "auto".
+
+Adding a backend: a module per op it implements, one BackendSpec below, its name in AUTO_ORDER where it should
+be tried (docs/extending.md). The conformance suite (tests/test_conformance.py) then tests it with no edits.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
+
+from .ops import triton_common
+
+OPS = ("gram_eig", "contrastive")
+
+
+@runtime_checkable
+class GramEigModule(Protocol):
+    """A module implementing the gram_eig op."""
+
+    def is_available(self, device_type: str) -> bool: ...
+
+    def gram_eig_unsupported(self, zs: Sequence[torch.Tensor]) -> Optional[str]: ...
+
+    def gram_eig(
+        self, embeddings: Union[torch.Tensor, list[torch.Tensor]], normalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ContrastiveModule(Protocol):
+    """A module implementing the contrastive op."""
+
+    def is_available(self, device_type: str) -> bool: ...
+
+    def contrastive_unsupported(self, rows: torch.Tensor, cols: torch.Tensor) -> Optional[str]: ...
+
+    def contrastive(self, rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int) -> torch.Tensor: ...
+
+
+OP_PROTOCOLS = {"gram_eig": GramEigModule, "contrastive": ContrastiveModule}
 
 
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    module: str
-    device_types: tuple[str, ...]  # empty: every device type
+    ops: Mapping[str, str]  # op -> module implementing it
+    device_types: tuple[str, ...]  # empty: every device type; each module's is_available has the last word
 
 
 REGISTRY = {
     spec.name: spec
     for spec in (
-        BackendSpec("reference", "pmrl_kernels.reference", ()),
-        BackendSpec("cpp", "pmrl_kernels.ops.extension", ("cpu",)),
-        BackendSpec("cuda", "pmrl_kernels.ops.extension", ("cuda",)),
-        # CPU tensors only in Triton's interpreter (the tests' CPU path)
+        BackendSpec("reference", {"gram_eig": "pmrl_kernels.reference", "contrastive": "pmrl_kernels.reference"}, ()),
+        BackendSpec("cpp", {"gram_eig": "pmrl_kernels.ops.extension"}, ("cpu",)),
+        BackendSpec("cuda", {"gram_eig": "pmrl_kernels.ops.extension"}, ("cuda",)),
         BackendSpec(
-            "triton", "pmrl_kernels.ops.triton_gram",
-            ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
+            "triton",
+            {"gram_eig": "pmrl_kernels.ops.triton_gram", "contrastive": "pmrl_kernels.ops.triton_contrastive"},
+            triton_common.device_types(),
         ),
     )
 }
 
-# "auto" tries these in order for the input's device type; the first that takes the input wins.
-AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
-
+# "auto" tries these in order, per op and device type; the first that takes the input wins.
+AUTO_ORDER = {
+    "gram_eig": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")},
+    "contrastive": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+}
 
 _IMPORT_FAILED: set[str] = set()
 
 
-def _load(spec: BackendSpec) -> Optional[ModuleType]:
-    module = sys.modules.get(spec.module)
-    if module is not None or spec.module in _IMPORT_FAILED:
+def _load(module_name: str) -> Optional[ModuleType]:
+    module = sys.modules.get(module_name)
+    if module is not None or module_name in _IMPORT_FAILED:
         return module
     try:
-        return importlib.import_module(spec.module)
+        return importlib.import_module(module_name)
     except ImportError:
-        _IMPORT_FAILED.add(spec.module)
+        _IMPORT_FAILED.add(module_name)
         return None
 
 
-def _usable(spec: BackendSpec, device_type: str) -> Optional[ModuleType]:
-    if spec.device_types and device_type not in spec.device_types:
+def _op_module(name: str, op: str, device_type: str) -> Optional[ModuleType]:
+    """The module of backend `name` for `op`, when the backend implements it and can run on this device type."""
+    spec = REGISTRY[name]
+    if op not in spec.ops or (spec.device_types and device_type not in spec.device_types):
         return None
-    module = _load(spec)
+    module = _load(spec.ops[op])
     if module is None or not module.is_available(device_type):
         return None
     return module
@@ -71,56 +119,85 @@ def _device_types() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backend_modules(device_type: str) -> dict[str, ModuleType]:
-    """Name -> module of the backends usable on tensors of this device type, in registry order."""
-    found = {name: _usable(spec, device_type) for name, spec in REGISTRY.items()}
-    return {name: module for name, module in found.items() if module is not None}
+def implementations(op: str, device_type: str) -> dict[str, Callable]:
+    """Backend name -> the callable of `op` for every backend that implements it on this device type, in
+    registry order."""
+    _check_op(op)
+    found = {name: _op_module(name, op, device_type) for name in REGISTRY}
+    return {name: getattr(module, op) for name, module in found.items() if module is not None}
 
 
 def available_backends(device_type: Optional[str] = None) -> list[str]:
-    """Names of the backends usable on this machine: on tensors of `device_type` ("cpu", "cuda"), or on at least
-    one of the machine's device types when it is None."""
+    """Names of the backends usable on this machine (implementing at least one op): on tensors of
+    `device_type` ("cpu", "cuda"), or on at least one of the machine's device types when it is None."""
     usable = set()
     for d in [device_type] if device_type else _device_types():
-        usable.update(backend_modules(d))
+        for op in OPS:
+            usable.update(implementations(op, d))
     return [name for name in REGISTRY if name in usable]
 
 
-def resolve(backend, zs: list[torch.Tensor]) -> ModuleType:
-    """The backend module for these inputs; "auto" picks the first of AUTO_ORDER that takes them."""
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {list(OPS)}, got {op!r}")
+
+
+def check_backend_name(backend) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    device_type = zs[0].device.type
-    if backend == "auto":
-        for name in AUTO_ORDER.get(device_type, ("reference",)):
-            module = _usable(REGISTRY[name], device_type)
-            if module is not None and module.unsupported_reason(zs) is None:
-                return module
-        raise AssertionError("the reference backend takes every input")  # unreachable: reference accepts all
-    if backend not in REGISTRY:
+    if backend != "auto" and backend not in REGISTRY:
         raise ValueError(
             f"backend must be 'auto' or one of {list(REGISTRY)}, got {backend!r}; "
             f"available here: {available_backends()}"
         )
-    module = _usable(REGISTRY[backend], device_type)
+    return backend
+
+
+def _device_type(inputs: tuple) -> str:
+    first = inputs[0]
+    return (first[0] if isinstance(first, (list, tuple)) else first).device.type
+
+
+def unsupported_reason(op: str, name: str, inputs: tuple) -> Optional[str]:
+    """Why backend `name` cannot run `op` on these inputs (None: it can). `inputs` are the op's tensor
+    arguments: (zs,) for gram_eig, (rows, cols) for contrastive."""
+    _check_op(op)
+    device_type = _device_type(inputs)
+    module = _op_module(name, op, device_type)
     if module is None:
+        if op not in REGISTRY[name].ops:
+            return f"backend {name!r} does not implement {op}"
+        return f"backend {name!r} is not available for {device_type} tensors on this machine"
+    return getattr(module, f"{op}_unsupported")(*inputs)
+
+
+def resolve(op: str, backend: str, inputs: tuple) -> Callable:
+    """The implementation of `op` for these inputs ((zs,) for gram_eig, (rows, cols) for contrastive)."""
+    _check_op(op)
+    backend = check_backend_name(backend)
+    device_type = _device_type(inputs)
+    if backend == "auto" or op not in REGISTRY[backend].ops:
+        for name in AUTO_ORDER[op].get(device_type, ("reference",)):
+            if unsupported_reason(op, name, inputs) is None:
+                return getattr(_op_module(name, op, device_type), op)
+        raise AssertionError("the reference backend takes every input")  # unreachable: reference accepts all
+    reason = unsupported_reason(op, backend, inputs)
+    if reason is not None:
         raise ValueError(
-            f"backend {backend!r} is not available for {device_type} tensors on this machine; "
+            f"backend {backend!r} cannot take this input: {reason} (backend='auto' falls back); "
             f"available here: {available_backends()}"
         )
-    reason = module.unsupported_reason(zs)
-    if reason is not None:
-        raise ValueError(f"backend {backend!r} cannot take this input: {reason} (backend='auto' falls back)")
-    return module
+    return getattr(_op_module(backend, op, device_type), op)
 
 
 def _preload() -> None:
-    """Import every backend that can run on this machine's device types now, at package import: resolve() then
+    """Import every op module that can run on this machine's device types now, at package import: resolve() then
     only reads sys.modules, which torch.compile(fullgraph=True) can trace (importlib it cannot)."""
     present = set(_device_types())
     for spec in REGISTRY.values():
         if not spec.device_types or present & set(spec.device_types):
-            _load(spec)
+            for module_name in spec.ops.values():
+                _load(module_name)
 
 
 _preload()

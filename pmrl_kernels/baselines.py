@@ -1,5 +1,7 @@
 """The losses PMRL is compared against, with the input forms and checks of `pmrl_loss`.
 
+- `official_recipe_loss`: the published PMRL recipe, transcribed (full SVD per instance, autograd through it):
+  the benchmark baseline and an independent check of the reference backend.
 - `pairwise_infonce_loss`: CLIP/ImageBind style. One modality is the anchor; for every other modality m a
   symmetric InfoNCE on the B x B logits zn_anchor zn_m^T / tau, summed over m.
 - `gram_volume_loss`: GRAM (Cicchetti et al., ICLR 2025). The volume of the parallelotope spanned by
@@ -17,7 +19,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .inputs import Embeddings, compute_dtype, flag, modality_list, positive_finite, reduce, reduction_name
+from .config import DEFAULTS
+from .inputs import (
+    Embeddings, compute_dtype, flag, modality_list, non_negative_finite, positive_finite, reduce, reduction_name,
+)
+from .terms import canonical_sign
 
 
 def _anchor_index(anchor, modalities: int) -> int:
@@ -100,3 +106,37 @@ def gram_volume_loss(
     """
     a, others, tau, reduction = _prepare(embeddings, anchor, tau, normalize, reduction)
     return reduce(_symmetric_ce(-gram_volume(a, others) / tau), reduction)
+
+
+def official_recipe_loss(
+    embeddings: Embeddings,
+    tau: float = DEFAULTS.tau,
+    tau_reg: float = DEFAULTS.tau_reg,
+    reg_weight: float = DEFAULTS.reg_weight,
+    canonical: bool = False,
+) -> torch.Tensor:
+    """The published recipe, transcribed: normalise, stack to [B, D, M], full SVD, CE on S / tau and on the
+    B x B products of the leading left singular vectors / tau_reg (mean over the batch). Its lead sign is whatever
+    LAPACK returns; canonical=True flips it to this package's rule (lead . sum_m zn_m >= 0) so the two can be
+    compared. It computes in the input dtype, as published.
+
+    Shape: embeddings [B, M, D] or a sequence of M tensors [B, D]; returns a scalar.
+
+    >>> official_recipe_loss(torch.randn(16, 3, 32))
+    """
+    zs = modality_list(embeddings)
+    tau = positive_finite(tau, "tau")
+    tau_reg = positive_finite(tau_reg, "tau_reg")
+    reg_weight = non_negative_finite(reg_weight, "reg_weight")
+    canonical = flag(canonical, "canonical")
+    stacked = torch.stack([F.normalize(z, dim=-1) for z in zs], dim=-1)  # [B, D, M]
+    u_full, s, _ = torch.linalg.svd(stacked, full_matrices=True)
+    target = torch.zeros(s.shape[0], dtype=torch.long, device=s.device)
+    align = F.cross_entropy(s / tau, target)
+    lead = u_full[:, :, 0]
+    if canonical:
+        u1 = (stacked.transpose(-1, -2) @ lead[:, :, None]) / s[:, None, :1]  # lead's coordinates over the rows
+        lead = lead * canonical_sign(u1)[:, 0]
+    logits = lead @ lead.T / tau_reg
+    reg = F.cross_entropy(logits, torch.arange(s.shape[0], device=s.device))
+    return align + reg_weight * reg

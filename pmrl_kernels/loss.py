@@ -1,15 +1,15 @@
 """Public API: the PMRL loss (functional and nn.Module) and the batched Gram/eigen decomposition."""
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
-from . import backends, distributed, reference
-from .inputs import (
-    Embeddings, flag, modality_list, non_negative_finite, positive_finite, reduce, reduction_name,
-)
+from . import backends, distributed, terms
+from .config import DEFAULTS, PMRLConfig
+from .inputs import Embeddings, flag, modality_list, reduce
 
 
 class GramSVD(NamedTuple):
@@ -34,34 +34,71 @@ def gram_svd(embeddings: Embeddings, *, normalize: bool = True, backend: str = "
     >>> out.S.shape, out.lead.shape
     (torch.Size([8, 3]), torch.Size([8, 64]))
     """
-    zs = modality_list(embeddings)
+    zs, arg = _rows(embeddings)
     normalize = flag(normalize, "normalize")
-    impl = backends.resolve(backend, zs)
-    return GramSVD(*impl.gram_eig(zs, normalize))
+    return GramSVD(*backends.resolve("gram_eig", backend, (zs,))(arg, normalize))
+
+
+def _rows(embeddings: Embeddings) -> tuple[list[torch.Tensor], Union[torch.Tensor, list[torch.Tensor]]]:
+    """The checked modality rows (M views [B, D]) and what the kernels get: a [B, M, D] tensor as it is (its
+    gradient then comes back whole, with no unbind copy), a list as the list."""
+    zs = modality_list(embeddings)
+    return zs, (embeddings if isinstance(embeddings, torch.Tensor) else zs)
 
 
 # (rows) -> (all columns, offset of these rows among them); see pmrl_kernels.distributed
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 
-def _pmrl(embeddings, tau, tau_reg, reg_weight, normalize, reduction, backend, output_dict, gather: Optional[Gather]):
-    zs = modality_list(embeddings)
-    tau = positive_finite(tau, "tau")
-    tau_reg = positive_finite(tau_reg, "tau_reg")
-    reg_weight = non_negative_finite(reg_weight, "reg_weight")
-    normalize = flag(normalize, "normalize")
-    reduction = reduction_name(reduction)
-    output_dict = flag(output_dict, "output_dict")
-    impl = backends.resolve(backend, zs)
+class Spectrum(NamedTuple):
+    """What the loss terms read: the gram_eig outputs of this rank's instances."""
 
-    s, _, lead = impl.gram_eig(zs, normalize)
-    align = reference.alignment(s, tau)
-    if reg_weight == 0:
-        reg = torch.zeros_like(align)  # skipped: no B x B work, no gradient through lead
-    else:
-        cols, offset = (lead, 0) if gather is None else gather(lead)
-        reg = getattr(impl, "contrastive", reference.contrastive)(lead, cols, tau_reg, offset)
-    parts = {"loss": align + reg_weight * reg, "align": align, "reg": reg}
+    S: torch.Tensor
+    lead: torch.Tensor
+
+
+def _align(spec: Spectrum, config: PMRLConfig, gather: Optional[Gather]) -> torch.Tensor:
+    return terms.alignment(spec.S, config.tau)
+
+
+def _reg(spec: Spectrum, config: PMRLConfig, gather: Optional[Gather]) -> torch.Tensor:
+    cols, offset = (spec.lead, 0) if gather is None else gather(spec.lead)
+    contrastive = backends.resolve("contrastive", config.backend, (spec.lead, cols))
+    return contrastive(spec.lead, cols, config.tau_reg, offset)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One named part of the loss: loss = sum over TERMS of weight(config) * value. A term of weight 0 is not
+    computed (its part reads 0 and it gets no gradient): reg_weight = 0 skips the B x B contrastive work."""
+
+    name: str
+    weight: Callable[[PMRLConfig], float]
+    value: Callable[[Spectrum, PMRLConfig, Optional[Gather]], torch.Tensor]  # per instance [B]
+
+
+TERMS = (
+    Term("align", lambda config: 1.0, _align),
+    Term("reg", lambda config: config.reg_weight, _reg),
+)
+
+
+def _pmrl(embeddings: Embeddings, config: PMRLConfig, gather: Optional[Gather] = None) -> dict[str, torch.Tensor]:
+    """Per-instance {"loss", *term names} [B] of the embeddings under a checked config."""
+    zs, arg = _rows(embeddings)
+    s, _, lead = backends.resolve("gram_eig", config.backend, (zs,))(arg, config.normalize)
+    spec = Spectrum(s, lead)
+    parts = {}
+    loss = None
+    for term in TERMS:
+        weight = term.weight(config)
+        value = term.value(spec, config, gather) if weight != 0 else s.new_zeros(s.shape[0])
+        parts[term.name] = value
+        loss = weight * value if loss is None else loss + weight * value
+    return {"loss": loss, **parts}
+
+
+def _reduced(parts: dict[str, torch.Tensor], reduction: str, output_dict: bool):
     parts = {k: reduce(v, reduction) for k, v in parts.items()}
     return parts if output_dict else parts["loss"]
 
@@ -69,15 +106,15 @@ def _pmrl(embeddings, tau, tau_reg, reg_weight, normalize, reduction, backend, o
 def pmrl_loss(
     embeddings: Embeddings,
     *,
-    tau: float = 0.05,
-    tau_reg: float = 0.1,
-    reg_weight: float = 1.0,
-    normalize: bool = True,
-    reduction: str = "mean",
-    backend: str = "auto",
+    tau: float = DEFAULTS.tau,
+    tau_reg: float = DEFAULTS.tau_reg,
+    reg_weight: float = DEFAULTS.reg_weight,
+    normalize: bool = DEFAULTS.normalize,
+    reduction: str = DEFAULTS.reduction,
+    backend: str = DEFAULTS.backend,
     output_dict: bool = False,
 ):
-    """PMRL loss (arXiv 2507.17343): align + reg_weight * reg.
+    """PMRL loss (arXiv 2507.17343): align + reg_weight * reg (docs/maths.md, "The loss").
 
     align_i = logsumexp_k(sigma_ik / tau) - sigma_i1 / tau, sigma_i the singular values of instance i's
     normalised M x D matrix; reg_i = CE over j of lead_i . lead_j / tau_reg with target i, lead_i the canonical
@@ -90,11 +127,12 @@ def pmrl_loss(
     >>> z = torch.randn(32, 3, 128, requires_grad=True)
     >>> pmrl_loss(z).backward()
     """
-    return _pmrl(embeddings, tau, tau_reg, reg_weight, normalize, reduction, backend, output_dict, gather=None)
+    config = PMRLConfig(tau, tau_reg, reg_weight, normalize, reduction, backend)
+    return _reduced(_pmrl(embeddings, config), config.reduction, flag(output_dict, "output_dict"))
 
 
 class PMRLLoss(nn.Module):
-    """nn.Module form of `pmrl_loss`; the arguments are the same, checked at construction.
+    """nn.Module form of `pmrl_loss`; the arguments are the same, checked at construction (self.config).
 
     gather_with_grad=True is for data-parallel training (DDP): the contrastive term of this rank's rows runs
     against the leads of every rank of the default torch.distributed process group, gathered with gradient
@@ -113,43 +151,28 @@ class PMRLLoss(nn.Module):
 
     def __init__(
         self,
-        tau: float = 0.05,
-        tau_reg: float = 0.1,
-        reg_weight: float = 1.0,
-        normalize: bool = True,
-        reduction: str = "mean",
-        backend: str = "auto",
+        tau: float = DEFAULTS.tau,
+        tau_reg: float = DEFAULTS.tau_reg,
+        reg_weight: float = DEFAULTS.reg_weight,
+        normalize: bool = DEFAULTS.normalize,
+        reduction: str = DEFAULTS.reduction,
+        backend: str = DEFAULTS.backend,
         gather_with_grad: bool = False,
     ):
         super().__init__()
-        self.tau = positive_finite(tau, "tau")
-        self.tau_reg = positive_finite(tau_reg, "tau_reg")
-        self.reg_weight = non_negative_finite(reg_weight, "reg_weight")
-        self.normalize = flag(normalize, "normalize")
-        self.reduction = reduction_name(reduction)
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-        self.backend = backend
+        self.config = PMRLConfig(tau, tau_reg, reg_weight, normalize, reduction, backend)
         self.gather_with_grad = flag(gather_with_grad, "gather_with_grad")
 
     def extra_repr(self) -> str:
-        return (
-            f"tau={self.tau}, tau_reg={self.tau_reg}, reg_weight={self.reg_weight}, normalize={self.normalize}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}, gather_with_grad={self.gather_with_grad}"
-        )
+        return f"{self.config.describe()}, gather_with_grad={self.gather_with_grad}"
 
     def forward(self, embeddings: Embeddings, output_dict: bool = False):
-        if not self.gather_with_grad:
-            return _pmrl(
-                embeddings, self.tau, self.tau_reg, self.reg_weight, self.normalize, self.reduction, self.backend,
-                output_dict, gather=None,
-            )
-        zs = modality_list(embeddings)
         output_dict = flag(output_dict, "output_dict")
+        if not self.gather_with_grad:
+            return _reduced(_pmrl(embeddings, self.config), self.config.reduction, output_dict)
+        zs, arg = _rows(embeddings)
         gather = distributed.RowGather(zs[0].shape[0], zs[0].device)
         # per-row values, so the reduction can be scaled by the global batch size
-        parts = _pmrl(
-            zs, self.tau, self.tau_reg, self.reg_weight, self.normalize, "none", self.backend, True, gather=gather
-        )
-        parts = {k: gather.reduce(v, self.reduction) for k, v in parts.items()}
+        parts = _pmrl(arg, self.config, gather)
+        parts = {k: gather.reduce(v, self.config.reduction) for k, v in parts.items()}
         return parts if output_dict else parts["loss"]

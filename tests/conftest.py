@@ -1,7 +1,19 @@
-"""Test set-up. Without a GPU, Triton kernels run under its interpreter: TRITON_INTERPRET must be set before
-triton is first imported, so it is set here, before any test module imports the package."""
+"""Test set-up and the helpers every test file shares.
+
+Without a GPU, Triton kernels run under its interpreter: TRITON_INTERPRET must be set before triton is first
+imported, so it is set here, before any test module imports the package.
+
+Accuracy rule (FlashAttention's), the one every kernel test uses (`assert_fa_close`): a kernel may be off the
+float64 reference by at most twice what PyTorch (the reference backend) is off when it computes in the kernel's
+dtype, plus a small floor: max |kernel - ref64| <= 2 max |ref_same_dtype - ref64| + atol * max(1, max |ref64|),
+with NaN/Inf at exactly the places where the float64 reference has them.
+"""
+import json
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -11,7 +23,7 @@ os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="pmrl_triton_c
 
 import pytest  # noqa: E402
 
-from pmrl_kernels.inputs import compute_dtype  # noqa: E402
+from pmrl_kernels import terms  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -38,9 +50,61 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
         )
 
 
+# ----------------------------------------------------------------------------------------------- accuracy rule
+
+
+def f64(t):
+    """t as a float64 CPU tensor without gradient (None stays None)."""
+    return None if t is None else t.detach().to("cpu", torch.float64)
+
+
+def fa_atol(dtype: torch.dtype) -> float:
+    """The floor of the accuracy rule for a kernel fed `dtype`: float64 is computed in float64, the rest in
+    float32."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def assert_fa_close(actual, exact, baseline, what: str, atol: float) -> None:
+    """FlashAttention's rule: max |actual - exact| <= 2 max |baseline - exact| + atol * max(1, max |exact|).
+
+    exact: the float64 reference; baseline: PyTorch (the reference backend) run in the dtype the kernel computes
+    in, on the same input. NaN/Inf must sit where they sit in exact.
+    """
+    actual, exact, baseline = f64(actual), f64(exact), f64(baseline)
+    assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    assert baseline.shape == exact.shape, f"{what}: baseline shape {tuple(baseline.shape)} != {tuple(exact.shape)}"
+    bad = ~torch.isfinite(exact)
+    assert torch.equal(~torch.isfinite(actual), bad), (
+        f"{what}: non-finite values at other places than in the float64 reference "
+        f"({int((~torch.isfinite(actual)).sum())} vs {int(bad.sum())})"
+    )
+    if bad.all():
+        return
+    scale = max(exact[~bad].abs().max().item(), 1.0)
+    diff = (actual - exact)[~bad].abs()
+    err = diff.max().item()
+    base = (baseline - exact)[~bad].nan_to_num(float("inf")).abs().max().item()
+    allowed = 2 * base + atol * scale
+    if err > allowed:
+        worst = (~bad).nonzero()[int(diff.argmax())].tolist()
+        raise AssertionError(
+            f"{what}: max error {err:.3g} at {worst} > 2 x {base:.3g} (reference in the same dtype) + {atol:g} x "
+            f"{scale:.3g}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
 def random_embeddings(b, m, d, dtype=torch.float64, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, m, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def correlated(b, m, d, seed=0, dtype=torch.float32, device="cpu"):
+    """Random embeddings sharing a direction per instance, as in training: lead's sign is well defined."""
+    z = random_embeddings(b, m, d, seed=seed) + 2 * random_embeddings(b, 1, d, seed=seed + 1)
+    return z.to(device=device, dtype=dtype)
 
 
 def degenerate_cases(dtype=torch.float64, d=16):
@@ -65,3 +129,58 @@ def degenerate_cases(dtype=torch.float64, d=16):
         "near_rank1": base.expand(6, 4, d) + 1e-5 * torch.randn(6, 4, d, generator=g, dtype=torch.float64),
     }
     return {k: v.to(dtype) for k, v in cases.items()}
+
+
+# ----------------------------------------------------------------------------------------------- contrastive op
+
+
+def check_contrastive(fn, device, b, n, d, same, tau, offset, seed=12):
+    """A contrastive op `fn(rows, cols, tau_reg, offset)` on float32 input: values and gradients (w.r.t. rows and
+    cols, upstream gradient random) against terms.contrastive in float64, by the accuracy rule with
+    terms.contrastive in float32 as the baseline. With logits of ~100 the softmax is one-hot and float32
+    resolves P_ii only to ~1e-5, in any implementation."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(b, d, generator=g)
+    cols = rows if same else torch.randn(n, d, generator=g)
+    grad = torch.randn(b, generator=g)
+    results = []
+    for impl, dtype, dev in ((fn, torch.float32, device), (terms.contrastive, torch.float32, "cpu"),
+                             (terms.contrastive, torch.float64, "cpu")):
+        r = rows.to(device=dev, dtype=dtype).requires_grad_()
+        c = r if same else cols.to(device=dev, dtype=dtype).requires_grad_()
+        loss = impl(r, c, tau, offset)
+        results.append((loss, *torch.autograd.grad(loss, (r,) if same else (r, c), grad.to(device=dev, dtype=dtype))))
+    assert results[0][0].dtype == torch.float32 and results[0][0].shape == (b,)
+    assert results[0][0].device.type == torch.device(device).type
+    for name, actual, base, exact in zip(("loss", "d rows", "d cols"), *results):
+        assert_fa_close(actual, exact, base, name, 1e-5)
+
+
+@pytest.fixture(scope="session")
+def static_report(tmp_path_factory):
+    """benchmarks/static_check.py's report (every CUDA and Triton kernel compiled for sm_90), computed once per
+    session and shared by tests/test_static_gpu.py and the gpu_check dry run. Its path is report["path"]."""
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path_factory.mktemp("static") / "static_report.json"
+    # the Triton compiler, not the interpreter; its own cache, so that the compiles are real
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(path.parent / "triton_cache")
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "static_check.py"), "--json", str(path)],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=1500)
+    assert path.exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(path.read_text())
+    report["path"] = str(path)
+    return report
+
+
+@pytest.fixture
+def compiled_extension():
+    """pmrl_kernels._C: skip without it, or fail where CI requires it (PMRL_REQUIRE_EXTENSION=1)."""
+    from pmrl_kernels.ops import extension
+
+    if extension._C is None:
+        message = f"pmrl_kernels._C is not built: {extension.IMPORT_ERROR}"
+        if os.environ.get("PMRL_REQUIRE_EXTENSION") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return extension._C

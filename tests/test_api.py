@@ -1,4 +1,5 @@
 """The public API behaves as documented: input forms, reductions, dtypes, backends and every error."""
+import dataclasses
 import math
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 
 import pmrl_kernels
 from conftest import assert_close, random_embeddings
-from pmrl_kernels import PMRLLoss, gram_svd, pmrl_loss, reference
+from pmrl_kernels import PMRLLoss, backends, gram_svd, pmrl_loss, reference
+from pmrl_kernels.config import DEFAULTS, PMRLConfig
 
 
 def test_public_names():
@@ -81,6 +83,9 @@ def test_module_equals_functional():
     z = random_embeddings(8, 3, 6)
     module = PMRLLoss(tau=0.1, tau_reg=0.2, reg_weight=0.5, reduction="sum")
     assert "tau=0.1" in repr(module)
+    assert module.config == PMRLConfig(tau=0.1, tau_reg=0.2, reg_weight=0.5, reduction="sum")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        module.config.tau = 1.0  # checked once, at construction: not changeable behind the checks
     assert_close(module(z), pmrl_loss(z, tau=0.1, tau_reg=0.2, reg_weight=0.5, reduction="sum"), 0, 0, "module")
     d = module(z, output_dict=True)
     assert set(d) == {"loss", "align", "reg"}
@@ -143,11 +148,8 @@ BAD_ARGUMENTS = [
 def test_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         pmrl_loss(GOOD, **kwargs)
-    module_kwargs = {k: v for k, v in kwargs.items()}
-    if set(module_kwargs) <= {"tau", "tau_reg", "reg_weight", "reduction", "normalize", "backend"} and \
-            "backend" not in module_kwargs:
-        with pytest.raises(error, match=message):
-            PMRLLoss(**module_kwargs)
+    with pytest.raises(error, match=message):  # the module checks every argument at construction, backend too
+        PMRLLoss(**kwargs)
 
 
 def test_output_dict_must_be_bool():
@@ -173,3 +175,32 @@ def test_torch_compile_fullgraph_equals_eager(backend):
     (2.0 * le).backward()
     assert_close(lc, le, 1e-6, 1e-6, "loss")
     assert_close(zc.grad, ze.grad, 1e-6, 1e-5, "grad")
+
+
+def test_defaults_are_the_published_values_and_are_checked():
+    assert (DEFAULTS.tau, DEFAULTS.tau_reg, DEFAULTS.reg_weight) == (0.05, 0.1, 1.0)
+    assert (DEFAULTS.normalize, DEFAULTS.reduction, DEFAULTS.backend) == (True, "mean", "auto")
+    assert PMRLLoss().config == DEFAULTS
+    with pytest.raises(ValueError, match="tau must be finite and > 0"):
+        PMRLConfig(tau=0.0)
+    assert PMRLConfig(tau=1).tau == 1.0 and isinstance(PMRLConfig(tau=1).tau, float)
+
+
+@pytest.mark.parametrize("name", backends.available_backends("cpu"))
+def test_tensor_input_gets_its_gradient_without_an_unbind_copy(name):
+    """A [B, M, D] tensor reaches the kernels as it is: no UnbindBackward node (whose backward stacks a copy of
+    dZ) in the graph, and the same gradient as the list of its rows."""
+    z = torch.randn(8, 3, 16, requires_grad=True)
+    loss = pmrl_loss(z, backend=name)
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    assert not [type(n).__name__ for n in seen if "Unbind" in type(n).__name__]
+    (dz,) = torch.autograd.grad(loss, z)
+    rows = [t.detach().clone().requires_grad_() for t in z.unbind(1)]
+    grads = torch.autograd.grad(pmrl_loss(rows, backend=name), rows)
+    assert torch.equal(dz, torch.stack(grads, 1))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_embeddings
-from pmrl_kernels.baselines import gram_volume, gram_volume_loss, pairwise_infonce_loss
+from pmrl_kernels.baselines import gram_volume, gram_volume_loss, official_recipe_loss, pairwise_infonce_loss
 
 LOSSES = [pairwise_infonce_loss, gram_volume_loss]
 
@@ -107,3 +107,19 @@ def test_bad_arguments(loss):
         loss(z[:, :1])
     with pytest.raises(TypeError, match="embeddings"):
         loss(z.numpy())
+
+
+def test_official_recipe_checks_its_arguments_like_the_other_losses():
+    z = random_embeddings(4, 3, 8)
+    torch.testing.assert_close(official_recipe_loss(list(z.unbind(1))), official_recipe_loss(z), rtol=0, atol=0)
+    for kwargs, error, message in (({"tau": 0.0}, ValueError, "tau must be finite and > 0"),
+                                   ({"tau_reg": math.nan}, ValueError, "tau_reg must be finite and > 0"),
+                                   ({"reg_weight": -1.0}, ValueError, "reg_weight must be finite and >= 0"),
+                                   ({"tau": "0.1"}, TypeError, "tau must be a real number"),
+                                   ({"canonical": 1}, TypeError, "canonical must be a bool")):
+        with pytest.raises(error, match=message):
+            official_recipe_loss(z, **kwargs)
+    for bad, error, message in ((z[:, :1], ValueError, "M >= 2"), (z.int(), TypeError, "floating tensor"),
+                                (z[:0], ValueError, "B = 0"), ("text", TypeError, "embeddings must be a tensor")):
+        with pytest.raises(error, match=message):
+            official_recipe_loss(bad)

@@ -1,6 +1,7 @@
 """Smoke test of `python -m pmrl_kernels.bench`: tiny sizes, every target, mode and provider present here."""
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import subprocess
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmrl_kernels import bench, reference
-from pmrl_kernels.backends import backend_modules
+from pmrl_kernels import backends, terms
+from pmrl_kernels.bench import cli, providers, report, sweep, targets
+from pmrl_kernels.bench.cells import MODES
 
 TINY = ["--device", "cpu", "--quick", "--sizes", "B=16,32;M=3;D=8", "--repeats", "2", "--no-progress"]
 BASE = ["--providers", "recipe,svd,svdvals,torch,reference"]  # kernel backends: one cell each, below
@@ -24,7 +26,7 @@ def run(tmp_path_factory):
     paths = {"json": out / "rows.json", "csv": out / "rows.csv"}
     printed = io.StringIO()  # capsys is function-scoped: capture by hand for this module-scoped run
     with contextlib.redirect_stdout(printed):
-        assert bench.main(TINY + BASE + ["--json", str(paths["json"]), "--csv", str(paths["csv"])]) == 0
+        assert cli.main(TINY + BASE + ["--json", str(paths["json"]), "--csv", str(paths["csv"])]) == 0
     rows = json.loads(paths["json"].read_text())
     with open(paths["csv"], newline="") as f:
         csv_rows = list(csv.DictReader(f))
@@ -33,14 +35,14 @@ def run(tmp_path_factory):
 
 def test_every_cell_runs_and_is_well_formed(run):
     rows, _, _, _ = run
-    assert {r["target"] for r in rows} == set(bench.TARGETS)
-    assert {r["mode"] for r in rows} == set(bench.MODES)
+    assert {r["target"] for r in rows} == set(targets.TARGETS)
+    assert {r["mode"] for r in rows} == set(MODES)
     assert {"recipe", "svd", "svdvals", "torch", "reference"} <= {r["provider"] for r in rows}
     assert {(r["B"], r["M"], r["D"], r["dtype"]) for r in rows} == {(16, 3, 8, "float32"), (32, 3, 8, "float32")}
     bad = [(r["target"], r["mode"], r["provider"], r["state"], r["note"]) for r in rows if r["state"] != "ok"]
     assert not bad
     for r in rows:
-        assert list(r) == list(bench.FIELDS)
+        assert list(r) == list(report.FIELDS)
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["peak_mem_mb"] >= 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
         assert r["speedup_vs_torch"] > 0
@@ -52,7 +54,7 @@ def test_every_cell_runs_and_is_well_formed(run):
 def test_csv_matches_json_and_table_is_printed(run):
     rows, csv_rows, printed, _ = run
     assert [r["provider"] for r in csv_rows] == [r["provider"] for r in rows]
-    assert list(csv_rows[0]) == list(bench.FIELDS)
+    assert list(csv_rows[0]) == list(report.FIELDS)
     assert float(csv_rows[0]["median_ms"]) == pytest.approx(rows[0]["median_ms"])
     assert "float32  B=16  M=3  D=8" in printed and "x recipe" in printed
 
@@ -61,30 +63,30 @@ def test_load_and_plot(run, tmp_path):
     pytest.importorskip("matplotlib")
     *_, paths = run
     png = tmp_path / "plot.png"
-    assert bench.main(["--load", str(paths["json"]), "--plot", str(png)]) == 0
+    assert cli.main(["--load", str(paths["json"]), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_every_kernel_backend_is_picked_up(tmp_path):
     """Each backend available here runs through the bench (Triton under its interpreter is slow: one cell)."""
-    modules = backend_modules("cpu")
+    here = backends.available_backends("cpu")
     path = tmp_path / "rows.json"
     argv = ["--device", "cpu", "--quick", "--sizes", "B=16;M=3;D=8", "--repeats", "1", "--no-progress",
             "--targets", "align,contrastive", "--modes", "full", "--json", str(path)]
-    assert bench.main(argv) == 0
+    assert cli.main(argv) == 0
     rows = json.loads(path.read_text())
     assert [(r["provider"], r["state"]) for r in rows if r["state"] != "ok"] == []
-    assert {r["provider"] for r in rows if r["target"] == "align"} == set(bench.BASE_PROVIDERS) | set(modules)
-    own = {n for n, m in modules.items() if getattr(m, "contrastive", None) not in (None, reference.contrastive)}
+    assert {r["provider"] for r in rows if r["target"] == "align"} == set(providers.BASE_PROVIDERS) | set(here)
+    own = {n for n, f in backends.implementations("contrastive", "cpu").items() if f is not terms.contrastive}
     assert {r["provider"] for r in rows if r["target"] == "contrastive"} == {"torch"} | own
 
 
 def test_skips_are_cell_states_and_the_run_goes_on(tmp_path):
     path = tmp_path / "rows.json"
     argv = TINY + ["--targets", "align", "--providers", "recipe,torch", "--json", str(path)]
-    assert bench.main(argv + ["--mem-budget", "1e-9"]) == 0
+    assert cli.main(argv + ["--mem-budget", "1e-9"]) == 0
     assert {r["state"] for r in json.loads(path.read_text())} == {"OOM-skip"}
-    assert bench.main(argv + ["--time-limit", "1e-9", "--modes", "forward"]) == 0
+    assert cli.main(argv + ["--time-limit", "1e-9", "--modes", "forward"]) == 0
     states = {(r["B"], r["state"]) for r in json.loads(path.read_text())}
     assert states == {(16, "timeout"), (32, "timeout-skip")}
 
@@ -94,13 +96,15 @@ def test_skips_are_cell_states_and_the_run_goes_on(tmp_path):
     (ValueError("broken provider"), ["error", "error"]),
 ])
 def test_a_failing_provider_is_a_cell_state(monkeypatch, tmp_path, error, states):
-    def fail(zs, target):
+    def fail(zs):
         raise error
 
-    monkeypatch.setitem(bench.BASE_FORWARD, "svd", fail)
+    align = targets.TARGETS["align"]
+    broken = dataclasses.replace(align, baselines={**align.baselines, "svd": fail})
+    monkeypatch.setitem(targets.TARGETS, "align", broken)
     path = tmp_path / "rows.json"
     argv = TINY + ["--targets", "align", "--modes", "forward", "--providers", "svd,torch", "--json", str(path)]
-    assert bench.main(argv) == 0
+    assert cli.main(argv) == 0
     rows = json.loads(path.read_text())
     assert [r["state"] for r in rows if r["provider"] == "svd"] == states
     assert all(r["state"] == "ok" for r in rows if r["provider"] == "torch")
@@ -125,13 +129,46 @@ def test_a_failing_provider_is_a_cell_state(monkeypatch, tmp_path, error, states
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--no-progress"] + argv)
+        cli.main(["--no-progress"] + argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_module_entry_point():
-    root = Path(bench.__file__).resolve().parents[1]
+    root = Path(cli.__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-m", "pmrl_kernels.bench", "--help"], cwd=root, capture_output=True,
                           text=True)
     assert done.returncode == 0 and "--sizes" in done.stdout
+
+
+def _lead_head(s, lead):
+    return (lead,)
+
+
+def test_a_new_target_is_one_record_in_the_table(monkeypatch, tmp_path):
+    """A target registered as one record (here: the lead direction alone) is swept, sized, run and reported."""
+    record = targets.Target(
+        "lead_dir", takes="z", batch_power=1, ops=("gram_eig",),
+        io_bytes=lambda case: (case.B * case.M * case.D * 4, case.B * case.D * 4),
+        working_bytes=lambda case, logits: 4 * case.B * case.M * case.D * 4,
+        torch=providers.spectral(providers.torch_spectrum, _lead_head),
+        backend=lambda name, ops: lambda zs: (ops["gram_eig"](zs, True)[2],),
+        baselines={"svd": providers.spectral(providers.svd_spectrum, _lead_head)},
+    )
+    monkeypatch.setitem(targets.TARGETS, record.name, record)
+    names = ["recipe", "svd", "svdvals", "torch", "reference"]
+    cases = sweep.build_cases([("float32", 16, 3, 8)], ["lead_dir"], ["full"], names, "cpu")
+    assert [(c.target, c.provider) for c in cases] == [("lead_dir", p) for p in ("svd", "torch", "reference")]
+    assert "lead_dir" in cli._parser().parse_args([]).targets.split(",")
+
+    path = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--quick", "--sizes", "B=16;M=3;D=8", "--repeats", "1", "--no-progress",
+            "--targets", "lead_dir", "--modes", "full", "--providers", ",".join(names), "--json", str(path)]
+    assert cli.main(argv) == 0
+    rows = json.loads(path.read_text())
+    assert [(r["target"], r["provider"], r["state"]) for r in rows] == [
+        ("lead_dir", p, "ok") for p in ("svd", "torch", "reference")]
+    assert all(r["floor_bytes"] == 3 * 16 * 3 * 8 * 4 + 2 * 16 * 8 * 4 and r["speedup_vs_torch"] > 0 for r in rows)
+    assert all(r["speedup_vs_recipe"] is None for r in rows)
+    assert cli.main(argv + ["--mem-budget", "1e-9"]) == 0  # its byte model decides the memory skip
+    assert {r["state"] for r in json.loads(path.read_text())} == {"OOM-skip"}

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close, degenerate_cases, random_embeddings
-from pmrl_kernels import gram_svd, pmrl_loss, reference
+from pmrl_kernels import constants, gram_svd, pmrl_loss, reference, terms
+from pmrl_kernels.baselines import official_recipe_loss
 
 F64 = torch.float64
 
@@ -96,7 +97,7 @@ def test_loss_matches_published_recipe(b, m, d, tau, tau_reg, reg_weight):
     z_ref = z.clone().requires_grad_()
     z_pub = z.clone().requires_grad_()
     ours = pmrl_loss(z_ref, tau=tau, tau_reg=tau_reg, reg_weight=reg_weight, backend="reference")
-    published = reference.official_recipe_loss(z_pub, tau, tau_reg, reg_weight, canonical=True)
+    published = official_recipe_loss(z_pub, tau, tau_reg, reg_weight, canonical=True)
     assert_close(ours, published, 1e-12, 1e-12, "loss")
     (3.0 * ours).backward()
     (3.0 * published).backward()
@@ -109,7 +110,7 @@ def test_published_recipe_sign_is_arbitrary_until_made_canonical():
     # the data's orientation, ours is; with canonical=True the two losses agree exactly
     z = random_embeddings(32, 3, 8, seed=3)
     ours = pmrl_loss(z, backend="reference")
-    assert_close(reference.official_recipe_loss(z, canonical=True), ours, 1e-12, 1e-12, "canonical")
+    assert_close(official_recipe_loss(z, canonical=True), ours, 1e-12, 1e-12, "canonical")
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -168,7 +169,7 @@ def test_degenerate_inputs_give_finite_values_and_gradients(name, z):
 @pytest.mark.parametrize("name,z", [(k, v) for k, v in degenerate_cases().items() if v.shape[2] >= v.shape[1]])
 def test_degenerate_loss_values_match_published_recipe(name, z):
     assert_close(
-        pmrl_loss(z, backend="reference"), reference.official_recipe_loss(z, canonical=True), 1e-9, 1e-9, name
+        pmrl_loss(z, backend="reference"), official_recipe_loss(z, canonical=True), 1e-9, 1e-9, name
     )
 
 
@@ -176,7 +177,7 @@ def test_degenerate_loss_values_match_published_recipe(name, z):
 def test_svd_autograd_fails_where_the_reference_does_not(name):
     # why the reference has its own backward: plain SVD autograd is NaN on these inputs
     z = degenerate_cases()[name].requires_grad_()
-    reference.official_recipe_loss(z, canonical=True).backward()
+    official_recipe_loss(z, canonical=True).backward()
     assert not torch.isfinite(z.grad).all()
 
 
@@ -217,14 +218,14 @@ def test_near_tie_gradient_is_bounded():
     z = degenerate_cases()["orthonormal_tie"].clone().requires_grad_()
     s, _, lead = reference.gram_eig(list(z.unbind(1)), True)
     lead.sum().backward()
-    bound = 1 / (2 * reference.GAP_EPS) * z.shape[1] * math.sqrt(z.shape[2])
+    bound = 1 / (2 * constants.GAP_EPS) * z.shape[1] * math.sqrt(z.shape[2])
     assert torch.isfinite(z.grad).all() and z.grad.abs().max() < bound
 
 
 def test_canonical_sign_rule_on_hand_made_columns():
     # The rule of canonical_sign, applied by hand: the sign that makes the column sum >= 0; a sum within SIGN_TOL
     # of 0 is a tie, decided by the sign of the first entry with |u_m| > SIGN_TOL.
-    tol = reference.SIGN_TOL
+    tol = constants.SIGN_TOL
     a = math.sqrt(0.5)
     cases = [  # (column, expected sign)
         ([0.6, 0.8, 0.0], 1.0),
@@ -239,8 +240,8 @@ def test_canonical_sign_rule_on_hand_made_columns():
     ]
     u = torch.tensor([c for c, _ in cases], dtype=F64).T[None]  # [1, 3, K]: one column per case
     expected = torch.tensor([[[s for _, s in cases]]], dtype=F64)
-    assert torch.equal(reference.canonical_sign(u), expected)
-    assert torch.equal(reference.canonical_sign(u.float()), expected.float())
+    assert torch.equal(terms.canonical_sign(u), expected)
+    assert torch.equal(terms.canonical_sign(u.float()), expected.float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -250,7 +251,7 @@ def test_sign_tie_of_rows_pointing_apart_follows_the_first_modality(dtype):
     z = random_embeddings(64, 2, 9, seed=21)
     z[:, 1] = -z[:, 0] + 0.3 * z[:, 1]
     out = gram_svd(z.to(dtype), backend="reference")
-    assert (out.U[:, :, 0].sum(-1).abs() < reference.SIGN_TOL).all(), "the test needs sign ties"
+    assert (out.U[:, :, 0].sum(-1).abs() < constants.SIGN_TOL).all(), "the test needs sign ties"
     zn = F.normalize(z.to(dtype), dim=-1)
     assert ((out.lead * zn[:, 0]).sum(-1) > 0).all()
     assert (out.U[:, 0, 0] > 0).all()
@@ -280,8 +281,8 @@ def test_singular_floors_are_relative_to_the_scale_of_the_rows(scale):
 
     s, via_s, via_lead = grads(z)
     lam = s * s
-    assert (s[:, 2] < reference.SIGMA_EPS * s[:, 0]).all(), "the sigma floor must matter"
-    assert (lam[:, 0] - lam[:, 1] < reference.GAP_EPS * lam[:, 0]).all(), "the gap floor must matter"
+    assert (s[:, 2] < constants.SIGMA_EPS * s[:, 0]).all(), "the sigma floor must matter"
+    assert (lam[:, 0] - lam[:, 1] < constants.GAP_EPS * lam[:, 0]).all(), "the gap floor must matter"
     assert (gram_svd(z, normalize=False, backend="reference").U[:, :, 0].sum(-1).abs() > 1e-2).all(), "sign defined"
     s_c, via_s_c, via_lead_c = grads(scale * z)
     assert_close(s_c, scale * s, 0, 1e-7, "S scales with the rows")
