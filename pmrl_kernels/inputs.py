@@ -6,9 +6,13 @@ before any kernel sees it.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence, Union
 
+import numpy
 import torch
+
+from .constants import MIN_TEMPERATURE
 
 Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -22,6 +26,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_dtype(t: torch.Tensor, what: str) -> None:
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{what} must be a floating tensor (float16, bfloat16, float32 or float64), got dtype {t.dtype}"
@@ -83,20 +89,37 @@ def modality_list(embeddings: Embeddings, name: str = "embeddings") -> list[torc
     return zs
 
 
-def positive_finite(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _real(value, name: str) -> float:
+    """A Python or NumPy real number (not a bool) as a float."""
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (numbers.Real, numpy.floating, numpy.integer)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
     return float(value)
+
+
+def _finite(value) -> bool:
+    # comparisons rather than math.isfinite: under torch.compile a float argument can become symbolic
+    return value == value and -math.inf < value < math.inf
+
+
+def positive_finite(value, name: str) -> float:
+    value = _real(value, name)
+    if not _finite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def temperature(value, name: str) -> float:
+    value = positive_finite(value, name)
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"{name} must be >= {MIN_TEMPERATURE} (logits / {name} would leave the float32 range), got {value}")
+    return value
 
 
 def non_negative_finite(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
+    value = _real(value, name)
+    if not _finite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return float(value)
+    return value
 
 
 def reduction_name(value) -> str:
@@ -113,6 +136,6 @@ def reduce(per_instance: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def flag(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    if not isinstance(value, (bool, numpy.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+    return bool(value)

@@ -1,66 +1,54 @@
-"""Pure-PyTorch PMRL: the correctness oracle for every kernel backend, and the fallback.
+"""The reference backend: pure PyTorch, float64-capable; the correctness oracle for every kernel and the fallback
+for inputs no kernel takes.
 
-The per-instance primitive is `gram_eig`: from the M embeddings of each instance it returns the singular values
-S [B, M] of the (normalised) M x D matrix Zn, the eigenvectors U [B, M, M] of its Gram matrix G = Zn Zn^T and the
-canonical leading direction lead [B, D]. It never forms an SVD of the D x M matrix: G's eigendecomposition gives
-the same S and lead. Its backward is written by hand (PMRL.md, "The whole backward in matrix form") because
-autograd through torch.linalg.svd/eigh returns NaN at the inputs training produces. The singular cases are kept
-finite by one rule, x -> x / (x^2 + floor^2) in place of 1/x:
+Its gram_eig op returns, from the M embeddings of each instance, the singular values S [B, M] of the (normalised)
+M x D matrix Zn, the eigenvectors U [B, M, M] of its Gram matrix G = Zn Zn^T and the canonical leading direction
+lead [B, D]. It never forms an SVD of the D x M matrix: G's eigendecomposition gives the same S and lead
+(docs/maths.md, "Singular values from the Gram matrix"). Its backward is written by hand (docs/maths.md, "The
+backward in matrix form") because autograd through torch.linalg.svd/eigh returns NaN at the inputs training
+produces. The singular cases are kept finite by one rule, x -> x / (x^2 + floor^2) in place of 1/x, with the floors
+of pmrl_kernels.constants (docs/maths.md, "Singular cases"), which the kernels share.
 
-- 1 / sigma_k (alignment term): floor = SIGMA_EPS * sigma_1. Below it sigma_k is fp32 noise (forming G squares
-  the condition number); the exact term g_k u_k v_k^T has norm |g_k| and an undefined direction as sigma_k -> 0,
-  the regularised one fades to 0 there instead.
-- 1 / (lambda_1 - lambda_k) (derivative of lead): floor = GAP_EPS * lambda_1. At an exact tie lead is not
-  defined; near one the gradient is capped at 1 / (2 * GAP_EPS * lambda_1) instead of growing without bound.
-- 1 / sigma_1: floor^2 = the dtype's smallest normal number, so an instance whose rows are all zero gets
-  lead = 0 and a zero gradient.
-
-Both floors are relative, so the rule does not depend on the scale of the rows when normalize=False. The kernels
-apply the same rule with the same constants, so they agree with this oracle everywhere, not only away from the
-singular points.
+Its contrastive op is the PyTorch composition of pmrl_kernels.terms.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .autograd import gram_eig_autograd
+from .constants import GAP_EPS, NORM_EPS, SIGMA_EPS
 from .inputs import compute_dtype
+from .terms import canonical_sign, contrastive, safe_inverse
 
-SIGMA_EPS = 1e-3
-GAP_EPS = 1e-4
-NORM_EPS = 1e-12  # as torch.nn.functional.normalize
-SIGN_TOL = 1e-4
+__all__ = ["contrastive", "contrastive_unsupported", "gram_eig", "gram_eig_unsupported", "is_available"]
 
 
-def safe_inverse(x: torch.Tensor, floor_sq: torch.Tensor) -> torch.Tensor:
-    """x / (x^2 + floor^2): 1/x for |x| >> floor, smoothly 0 at x = 0."""
-    return x / (x * x + floor_sq)
+def scale_for(amax: torch.Tensor) -> torch.Tensor:
+    """The power of two r with r * amax in [0.5, 1) (within the normal range); 1 where amax is 0 or not finite.
+    Rows scaled by it before they are squared neither overflow nor underflow (docs/maths.md, "Scale")."""
+    info = torch.finfo(amax.dtype)
+    _, exponent = torch.frexp(amax)
+    limit = 1 - math.frexp(info.tiny)[1]  # 126 or 1022: the largest power of two whose inverse is normal
+    r = torch.ldexp(torch.ones_like(amax), (-exponent).clamp(-limit, limit))
+    return torch.where((amax > 0) & (amax <= info.max), r, torch.ones_like(amax))
 
 
-def stack_rows(zs: list[torch.Tensor], normalize: bool):
-    """Zn [B, M, D] in the compute dtype, and the row norms [B, M, 1] (None when normalize is False)."""
+def scaled_rows(zs: list[torch.Tensor], normalize: bool):
+    """(Zn [B, M, D], norms [B, M, 1], r [B, M, 1]) in the compute dtype: the rows are scaled by powers of two r
+    first (each row its own with normalize, the instance's largest entry for all rows without), so that nothing
+    overflows or underflows when they are squared. Zn is the normalised rows, or r Z without normalisation; norms
+    are ||r z_m|| (None without normalisation)."""
     z = torch.stack(zs, dim=1).to(compute_dtype(zs[0].dtype))
+    amax = z.abs().amax(dim=-1, keepdim=True)
+    r = scale_for(amax if normalize else amax.amax(dim=1, keepdim=True).expand_as(amax))
+    zhat = z * r
     if not normalize:
-        return z, None
-    norms = z.norm(dim=-1, keepdim=True)
-    return z / norms.clamp_min(NORM_EPS), norms
-
-
-def canonical_sign(u: torch.Tensor) -> torch.Tensor:
-    """+1 or -1 per column of unit vectors u [..., M, K]: the sign that makes the column sum >= 0.
-
-    A sum within SIGN_TOL of 0 is a tie (exactly 0 for M = 2 with rows pointing apart, where u_1 = (1, -1)/sqrt 2),
-    which rounding would break at random: there the first entry with |u_m| > SIGN_TOL decides, and a column with
-    none counts as +.
-    """
-    total = u.sum(dim=-2, keepdim=True)
-    big = u.abs() > SIGN_TOL
-    first = torch.gather(u, -2, big.to(torch.uint8).argmax(dim=-2, keepdim=True))  # first index where big
-    key = torch.where(total.abs() > SIGN_TOL, total, torch.where(big.any(dim=-2, keepdim=True), first, 1.0))
-    return torch.where(key >= 0, 1.0, -1.0).to(u.dtype)
+        return zhat, None, r
+    norms = zhat.norm(dim=-1, keepdim=True)
+    return zhat / torch.maximum(norms, r * NORM_EPS), norms, r
 
 
 def eigh_descending(g: torch.Tensor):
@@ -78,15 +66,25 @@ def eigh_descending(g: torch.Tensor):
     return torch.where(bad[:, None], nan, lam), torch.where(bad[:, None, None], nan, u)
 
 
+def instance_scale(zn: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1]: the power of two c that brings the largest entry of Zn near 1. The maths works on c Zn, where
+    S_c = c S, the gaps and every coefficient are of order 1 whatever the rows' scale (docs/maths.md, "Scale")."""
+    return scale_for(zn.abs().amax(dim=(1, 2), keepdim=True))
+
+
 def gram_eig_forward(zs: list[torch.Tensor], normalize: bool):
     """S [B, M], U [B, M, M], lead [B, D], all in the compute dtype."""
-    zn, _ = stack_rows(zs, normalize)
+    zn, _, r = scaled_rows(zs, normalize)
+    c = instance_scale(zn)
+    zn = zn * c
     lam, u = eigh_descending(zn @ zn.transpose(-1, -2))
     s = lam.sqrt()
-    s1 = s[:, :1]
-    inv_s1 = safe_inverse(s1, torch.finfo(s.dtype).tiny)
+    s[:, zn.shape[-1]:] *= 0  # D < M: exact zeros past the rank (NaN stays NaN)
+    inv_s1 = safe_inverse(s[:, :1], torch.finfo(s.dtype).tiny)
     lead = (u[:, :, :1].transpose(-1, -2) @ zn).squeeze(1) * inv_s1
-    return s, u, lead
+    # S = S_c / c, and without normalisation Zn = r Z
+    s = s / c[:, 0]
+    return (s if normalize else s / r[:, 0]), u, lead
 
 
 def gram_eig_backward(
@@ -98,89 +96,63 @@ def gram_eig_backward(
     grad_lead: Optional[torch.Tensor],
     normalize: bool,
 ) -> torch.Tensor:
-    """dL/dz [B, M, D] in the input dtype, given dL/dS and dL/dlead (either may be None for zero)."""
-    zn, norms = stack_rows(zs, normalize)
+    """dL/dz [B, M, D] in the input dtype, given dL/dS and dL/dlead (either may be None for zero).
+
+    Computed on Zn_c = c Zn of the scaled rows zhat = r z (scaled_rows, instance_scale), where S_c = c S (c r S
+    without normalisation), then mapped back: dL/dZn = c dL/dZn_c, dL/dz = r dL/dzhat. A row whose entries are all
+    zero gets an exactly zero gradient.
+    """
+    zn, norms, r = scaled_rows(zs, normalize)
     cd = zn.dtype
     tiny = torch.finfo(cd).tiny
+    c = instance_scale(zn)  # [B, 1, 1]
+    zn = zn * c
+    factor = c[:, 0] if normalize else c[:, 0] * r[:, 0]  # S_c = factor S, [B, 1]
+    s = s.to(cd) * factor
     lam = s * s
     s1, lam1 = s[:, :1], lam[:, :1]
     inv_s1 = safe_inverse(s1, tiny)  # [B, 1]
     coef = torch.zeros_like(u)  # C [B, M, M]
     dzn = torch.zeros_like(zn)
     if grad_s is not None:
-        w = grad_s.to(cd) * safe_inverse(s, (SIGMA_EPS * s1) ** 2 + tiny)
+        w = grad_s.to(cd) / factor * safe_inverse(s, (SIGMA_EPS * s1) ** 2 + tiny)
         coef = coef + (u * w[:, None, :]) @ u.transpose(-1, -2)
     if grad_lead is not None:
         gbar = grad_lead.to(cd)
         a = (zn @ gbar[:, :, None]).squeeze(-1)  # [B, M]
         b = (u.transpose(-1, -2) @ a[:, :, None]).squeeze(-1)  # b_k = u_k . a
-        c = (lead * gbar).sum(-1, keepdim=True)  # [B, 1]
+        lg = (lead * gbar).sum(-1, keepdim=True)  # [B, 1]
         gap = lam1 - lam
         h = b * safe_inverse(gap, (GAP_EPS * lam1) ** 2 + tiny) * inv_s1
         h[:, 0] = 0
         u1 = u[:, :, :1]
         cross = (u @ h[:, :, None]) @ u1.transpose(-1, -2)  # sum_k h_k u_k u_1^T
-        coef = coef + cross + cross.transpose(-1, -2) - (c * inv_s1 * inv_s1)[:, :, None] * (u1 @ u1.transpose(-1, -2))
+        coef = coef + cross + cross.transpose(-1, -2) - (lg * inv_s1 * inv_s1)[:, :, None] * (u1 @ u1.transpose(-1, -2))
         dzn = dzn + u1 * (inv_s1[:, :, None] * gbar[:, None, :])
-    dzn = dzn + coef @ zn
+    dzn = dzn + coef @ zn  # dL/dZn_c
     if normalize:
-        radial = (dzn * zn).sum(-1, keepdim=True) * zn
-        dzn = (dzn - torch.where(norms > NORM_EPS, radial, torch.zeros_like(radial))) / norms.clamp_min(NORM_EPS)
-    return dzn.to(zs[0].dtype)
+        # dL/dzhat = c (dzn_c - (dzn_c . zn_c) zn_c / c^2) / max(||zhat||, r NORM_EPS), projection above the floor
+        floor = r * NORM_EPS
+        radial = (dzn * zn).sum(-1, keepdim=True) * zn / (c * c)
+        dzn = (dzn - torch.where(norms > floor, radial, torch.zeros_like(radial))) * (c / torch.maximum(norms, floor))
+    else:
+        dzn = dzn * c
+    dz = dzn * r
+    zero_row = (zn == 0).all(dim=-1, keepdim=True)
+    return torch.where(zero_row, torch.zeros_like(dz), dz).to(zs[0].dtype)
 
 
 gram_eig = gram_eig_autograd(gram_eig_forward, gram_eig_backward)
 gram_eig.__doc__ = "(S, U, lead) with gradients to zs through S and lead; U is returned without gradient."
 
 
-def contrastive(rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int = 0) -> torch.Tensor:
-    """Per-row InfoNCE [B]: CE over logits rows @ cols^T / tau_reg with target column offset + i.
-
-    cols may hold more rows than rows (the leads gathered from every rank); offset is where this rank's rows
-    sit among them.
-    """
-    logits = rows @ cols.transpose(0, 1) / tau_reg
-    target = torch.arange(offset, offset + rows.shape[0], device=rows.device)
-    return F.cross_entropy(logits, target, reduction="none")
-
-
-def alignment(s: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per-instance alignment loss [B]: CE of the singular values as logits (sigma / tau), target the largest."""
-    logits = s / tau
-    return torch.logsumexp(logits, dim=-1) - logits[:, 0]
-
-
 def is_available(device_type: str) -> bool:
     return True
 
 
-def unsupported_reason(zs: list[torch.Tensor]) -> Optional[str]:
+def gram_eig_unsupported(zs: Sequence[torch.Tensor]) -> Optional[str]:
     return None
 
 
-def official_recipe_loss(
-    embeddings,
-    tau: float = 0.05,
-    tau_reg: float = 0.1,
-    reg_weight: float = 1.0,
-    canonical: bool = False,
-) -> torch.Tensor:
-    """The published recipe, transcribed: normalise, stack to [B, D, M], full SVD, CE on S / tau and on the
-    B x B products of the leading left singular vectors / tau_reg. Its lead sign is whatever LAPACK returns;
-    canonical=True flips it to this package's rule (lead . sum_m zn_m >= 0) so the two can be compared.
-
-    embeddings: [B, M, D] or a sequence of M tensors [B, D]. Used as the benchmark baseline and as an
-    independent check of the reference (autograd through torch.linalg.svd, no custom backward).
-    """
-    zs = list(embeddings.unbind(1)) if isinstance(embeddings, torch.Tensor) else list(embeddings)
-    stacked = torch.stack([F.normalize(z, dim=-1) for z in zs], dim=-1)  # [B, D, M]
-    u_full, s, _ = torch.linalg.svd(stacked, full_matrices=True)
-    target = torch.zeros(s.shape[0], dtype=torch.long, device=s.device)
-    align = F.cross_entropy(s / tau, target)
-    lead = u_full[:, :, 0]
-    if canonical:
-        u1 = (stacked.transpose(-1, -2) @ lead[:, :, None]) / s[:, None, :1]  # lead's coordinates over the rows
-        lead = lead * canonical_sign(u1)[:, 0]
-    logits = lead @ lead.T / tau_reg
-    reg = F.cross_entropy(logits, torch.arange(s.shape[0], device=s.device))
-    return align + reg_weight * reg
+def contrastive_unsupported(rows: torch.Tensor, cols: torch.Tensor) -> Optional[str]:
+    return None

@@ -5,7 +5,9 @@
 // Instances are split over threads with at::parallel_for. Per instance: one pass over D for the reductions,
 // the header maths (pmrl/instance.h), one pass over D that writes lead or dL/dz (the second pass reads the
 // instance's rows from L1). The dot products keep kLanes independent partial sums, so the compiler vectorises
-// them without reassociating. No heap allocation: rows are read in place, 16-bit rows staged into a stack buffer
+// them without reassociating. An instance whose reductions over- or underflow (rows beyond about 1e19, or tiny
+// unnormalised instances) takes one more pass for its rows' magnitudes and redoes them on scaled rows
+// (pmrl/instance.h). No heap allocation: rows are read in place, 16-bit rows staged into a stack buffer
 // a chunk of D at a time.
 //
 // Deliberately no include guard: each ISA's translation unit includes it exactly once.
@@ -74,23 +76,41 @@ T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
   return sum;
 }
 
-// out[d] = sum_m w[m] x[m][d] + e * extra[d] (extra may be null), d < n.
+// out[d] = rout (scale (sum_m w[m] (r[m] x[m][d]) + e * extra[d])) (extra may be null), d < n: the rows scaled
+// by r as the maths saw them (pmrl/instance.h; r = 1 on the usual path).
 template <class T, int M>
-void combine(const T* const (&x)[M], const T (&w)[M], const T* __restrict extra, T e, int64_t n,
-             T* __restrict out) {
+void combine(const T* const (&x)[M], const T (&w)[M], const T (&r)[M], const T* __restrict extra, T e, T scale,
+             T rout, int64_t n, T* __restrict out) {
   if (extra != nullptr) {
     for (int64_t d = 0; d < n; ++d) {
       T acc = e * extra[d];
-      for (int m = 0; m < M; ++m) acc += w[m] * x[m][d];
-      out[d] = acc;
+      for (int m = 0; m < M; ++m) acc += w[m] * (r[m] * x[m][d]);
+      out[d] = rout * (scale * acc);
     }
   } else {
     for (int64_t d = 0; d < n; ++d) {
       T acc = T(0);
-      for (int m = 0; m < M; ++m) acc += w[m] * x[m][d];
-      out[d] = acc;
+      for (int m = 0; m < M; ++m) acc += w[m] * (r[m] * x[m][d]);
+      out[d] = rout * (scale * acc);
     }
   }
+}
+
+// The slow path of an instance whose raw reductions over- or underflowed (pmrl/instance.h, row_scales): the
+// rows' largest magnitudes, then the scales r. Rare, so written plainly.
+template <class In, class T, int M>
+void rescale_rows(const InstanceRows<In, T, M>& inst, typename InstanceRows<In, T, M>::Staging& staging,
+                  bool normalize, T (&r)[M]) {
+  T amax[M] = {};
+  inst.for_chunks(staging, [&](const T* const (&x)[M], int64_t, int64_t n) {
+    for (int m = 0; m < M; ++m) {
+      for (int64_t d = 0; d < n; ++d) {
+        const T v = Num<T>::abs(x[m][d]);
+        amax[m] = v > amax[m] || !(v <= Num<T>::max()) ? v : amax[m];
+      }
+    }
+  });
+  row_scales<T, M>(amax, normalize, r);
 }
 
 template <class In, class T, int M>
@@ -104,16 +124,31 @@ void forward_range(const ForwardArgs& args, int64_t begin, int64_t end) {
         for (int k = 0; k <= m; ++k) g[m][k] += dot(x[m], x[k], n);
       }
     });
+    T r[M];
+    std::fill_n(r, M, T(1));
+    T diag[M];
+    for (int m = 0; m < M; ++m) diag[m] = g[m][m];
+    if (gram_needs_rescale<T, M>(diag, args.normalize)) {
+      rescale_rows(inst, staging, args.normalize, r);
+      for (int m = 0; m < M; ++m) std::fill_n(g[m], M, T(0));
+      inst.for_chunks(staging, [&](const T* const (&x)[M], int64_t, int64_t n) {
+        for (int m = 0; m < M; ++m) {
+          for (int k = 0; k <= m; ++k) {
+            for (int64_t d = 0; d < n; ++d) g[m][k] += (r[m] * x[m][d]) * (r[k] * x[k][d]);
+          }
+        }
+      });
+    }
     for (int m = 0; m < M; ++m) {
       for (int k = 0; k < m; ++k) g[k][m] = g[m][k];
     }
     Spectrum<T, M> sp;
-    gram_spectrum<T, M>(g, args.normalize, sp);
+    gram_spectrum<T, M>(g, r, args.normalize, args.dim, sp);
     std::copy_n(sp.s, M, static_cast<T*>(args.s) + i * M);
     std::copy_n(&sp.u[0][0], M * M, static_cast<T*>(args.u) + i * M * M);
     T* lead = static_cast<T*>(args.lead) + i * args.dim;
     inst.for_chunks(staging, [&](const T* const (&x)[M], int64_t d0, int64_t n) {
-      combine<T, M>(x, sp.lead_coef, nullptr, T(0), n, lead + d0);
+      combine<T, M>(x, sp.lead_coef, r, nullptr, T(0), T(1), T(1), n, lead + d0);
     });
   }
 }
@@ -136,22 +171,38 @@ void backward_range(const BackwardArgs& args, int64_t begin, int64_t end) {
         }
       });
     }
+    T r[M];
+    std::fill_n(r, M, T(1));
+    if (args.normalize && gram_needs_rescale<T, M>(sq, true)) {
+      rescale_rows(inst, staging, true, r);
+      std::fill_n(sq, M, T(0));
+      std::fill_n(zg, M, T(0));
+      inst.for_chunks(staging, [&](const T* const (&x)[M], int64_t d0, int64_t n) {
+        for (int m = 0; m < M; ++m) {
+          for (int64_t d = 0; d < n; ++d) {
+            const T xs = r[m] * x[m][d];
+            sq[m] += xs * xs;
+            if (gbar != nullptr) zg[m] += xs * gbar[d0 + d];
+          }
+        }
+      });
+    }
     if (gbar != nullptr) lg = dot(static_cast<const T*>(args.lead) + i * dim, gbar, dim);
     T s[M], u[M][M];
     std::copy_n(static_cast<const T*>(args.s) + i * M, M, s);
     std::copy_n(static_cast<const T*>(args.u) + i * M * M, M * M, &u[0][0]);
     const T* grad_s = args.grad_s ? static_cast<const T*>(args.grad_s) + i * M : nullptr;
-    T a[M][M], e[M];
-    backward_coefficients<T, M>(s, u, grad_s, gbar != nullptr, sq, zg, lg, args.normalize, a, e);
+    T a[M][M], e[M], out_scale[M];
+    backward_coefficients<T, M>(s, u, grad_s, gbar != nullptr, sq, zg, lg, args.normalize, r, a, e, out_scale);
     In* dz = static_cast<In*>(args.dz) + i * args.dz_stride_b;
     inst.for_chunks(staging, [&](const T* const (&x)[M], int64_t d0, int64_t n) {
       for (int m = 0; m < M; ++m) {
         In* dst = dz + m * args.dz_stride_m + d0;
         const T* extra = gbar ? gbar + d0 : nullptr;
         if constexpr (InstanceRows<In, T, M>::kInPlace) {
-          combine<T, M>(x, a[m], extra, e[m], n, dst);
+          combine<T, M>(x, a[m], r, extra, e[m], out_scale[m], r[m], n, dst);
         } else {
-          combine<T, M>(x, a[m], extra, e[m], n, out);
+          combine<T, M>(x, a[m], r, extra, e[m], out_scale[m], r[m], n, out);
           for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<In>(out[d]);
         }
       }

@@ -152,24 +152,29 @@ void non_finite_terminates() {
   check_decomposition<float, 2>(g, 1e-6f, "extreme dynamic range");
 }
 
-// One instance end to end, with plain loops over D: S, lead and dL/dz for L = gs . S + gl . lead.
+// One instance end to end, with plain loops over D: S, lead and dL/dz for L = gs . S + gl . lead. The rows reach
+// the maths scaled by r (powers of two: per row with normalize, one for all without), as the kernels hand them
+// over after a rescale; all 1 is the kernels' usual path.
 template <int M>
 struct Instance {
   int dim;
   bool normalize;
   std::vector<double> z;  // [M][dim]
+  std::vector<double> r = std::vector<double>(M, 1.0);
 
   void forward(const std::vector<double>& zz, pmrl::Spectrum<double, M>& sp, std::vector<double>& lead) const {
-    double g[M][M];
-    for (int m = 0; m < M; ++m)
+    double g[M][M], rs[M];
+    for (int m = 0; m < M; ++m) {
+      rs[m] = r[m];
       for (int k = 0; k < M; ++k) {
         g[m][k] = 0;
-        for (int d = 0; d < dim; ++d) g[m][k] += zz[m * dim + d] * zz[k * dim + d];
+        for (int d = 0; d < dim; ++d) g[m][k] += r[m] * zz[m * dim + d] * (r[k] * zz[k * dim + d]);
       }
-    pmrl::gram_spectrum<double, M>(g, normalize, sp);
+    }
+    pmrl::gram_spectrum<double, M>(g, rs, normalize, dim, sp);
     lead.assign(dim, 0.0);
     for (int m = 0; m < M; ++m)
-      for (int d = 0; d < dim; ++d) lead[d] += sp.lead_coef[m] * zz[m * dim + d];
+      for (int d = 0; d < dim; ++d) lead[d] += sp.lead_coef[m] * (r[m] * zz[m * dim + d]);
   }
 
   double loss(const std::vector<double>& zz, const double (&gs)[M], const std::vector<double>& gl) const {
@@ -182,27 +187,60 @@ struct Instance {
     return l;
   }
 
-  std::vector<double> backward(const double (&gs)[M], const std::vector<double>& gl) const {
+  // (S, lead, dL/dz) of one evaluation.
+  std::vector<double> backward(const double (&gs)[M], const std::vector<double>& gl,
+                               std::vector<double>* s_lead = nullptr) const {
     pmrl::Spectrum<double, M> sp;
     std::vector<double> lead;
     forward(z, sp, lead);
-    double sq[M] = {}, zg[M] = {}, lg = 0, a[M][M], e[M];
+    // without normalize the backward takes the raw rows and scales them itself
+    double rb[M];
+    for (int m = 0; m < M; ++m) rb[m] = normalize ? r[m] : 1.0;
+    double sq[M] = {}, zg[M] = {}, lg = 0, a[M][M], e[M], out[M];
     for (int m = 0; m < M; ++m)
       for (int d = 0; d < dim; ++d) {
-        sq[m] += z[m * dim + d] * z[m * dim + d];
-        zg[m] += z[m * dim + d] * gl[d];
+        sq[m] += rb[m] * z[m * dim + d] * (rb[m] * z[m * dim + d]);
+        zg[m] += rb[m] * z[m * dim + d] * gl[d];
       }
     for (int d = 0; d < dim; ++d) lg += lead[d] * gl[d];
-    pmrl::backward_coefficients<double, M>(sp.s, sp.u, gs, true, sq, zg, lg, normalize, a, e);
+    pmrl::backward_coefficients<double, M>(sp.s, sp.u, gs, true, sq, zg, lg, normalize, rb, a, e, out);
     std::vector<double> dz(M * dim, 0.0);
     for (int m = 0; m < M; ++m)
       for (int d = 0; d < dim; ++d) {
-        dz[m * dim + d] = e[m] * gl[d];
-        for (int n = 0; n < M; ++n) dz[m * dim + d] += a[m][n] * z[n * dim + d];
+        double acc = e[m] * gl[d];
+        for (int n = 0; n < M; ++n) acc += a[m][n] * (rb[n] * z[n * dim + d]);
+        dz[m * dim + d] = rb[m] * (out[m] * acc);
       }
+    if (s_lead != nullptr) {
+      s_lead->assign(sp.s, sp.s + M);
+      s_lead->insert(s_lead->end(), lead.begin(), lead.end());
+    }
     return dz;
   }
 };
+
+// Scaling the rows by powers of two (per row with normalize, one for all without) changes nothing but rounding.
+template <int M>
+void row_scales_are_invisible(int dim, bool normalize) {
+  Instance<M> plain{dim, normalize, std::vector<double>(M * dim)};
+  for (double& x : plain.z) x = normal();
+  Instance<M> scaled = plain;
+  for (int m = 0; m < M; ++m) scaled.r[m] = normalize ? std::ldexp(1.0, 40 - 20 * m) : std::ldexp(1.0, -300);
+  double gs[M];
+  for (double& x : gs) x = normal();
+  std::vector<double> gl(dim);
+  for (double& x : gl) x = normal();
+  std::vector<double> out_plain, out_scaled;
+  const std::vector<double> dz_plain = plain.backward(gs, gl, &out_plain);
+  const std::vector<double> dz_scaled = scaled.backward(gs, gl, &out_scaled);
+  double worst = 0, top = 0;
+  for (size_t j = 0; j < out_plain.size(); ++j) worst = std::fmax(worst, std::fabs(out_plain[j] - out_scaled[j]));
+  for (size_t j = 0; j < dz_plain.size(); ++j) {
+    worst = std::fmax(worst, std::fabs(dz_plain[j] - dz_scaled[j]));
+    top = std::fmax(top, std::fabs(dz_plain[j]));
+  }
+  check(worst <= 1e-10 * (1 + top), normalize ? "row scales (normalize)" : "common scale (raw rows)", worst);
+}
 
 template <int M>
 void backward_matches_finite_differences(int dim, bool normalize) {
@@ -274,6 +312,10 @@ int main() {
     backward_matches_finite_differences<3>(7, normalize);
     backward_matches_finite_differences<5>(9, normalize);
     backward_matches_finite_differences<8>(12, normalize);
+  }
+  for (bool normalize : {true, false}) {
+    row_scales_are_invisible<3>(7, normalize);
+    row_scales_are_invisible<6>(11, normalize);
   }
   zero_row_backward();
   tie_backward_finite();

@@ -10,13 +10,12 @@ pmrl_kernels.reference (gram_eig_forward / gram_eig_backward), with the same con
 Layout inside a program: BLOCK_B instances x MP (M padded to a power of two) modalities x BLOCK_D features.
 Triton cannot index registers, so every per-entry access of the M x M matrices is a masked select/reduction.
 
-Backend interface (see pmrl_kernels.backends): is_available, unsupported_reason, gram_eig, contrastive.
+Op module of the gram_eig op (pmrl_kernels.backends.GramEigModule): is_available, gram_eig_unsupported, gram_eig.
 float64 input is refused (the kernels compute in fp32; backend="auto" falls back to a float64 backend).
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -24,24 +23,19 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..autograd import gram_eig_autograd
-from ..reference import GAP_EPS, NORM_EPS, SIGMA_EPS, SIGN_TOL
-from .triton_contrastive import contrastive
+from ..constants import JACOBI_MAX_SWEEPS, MAX_MODALITIES, MIN_MODALITIES
+from .triton_common import interpreting, is_available
+from .triton_instance import (
+    FLT_MAX, GAP_EPS, INF, NAN, NORM_EPS, SIGMA_EPS, TINY, canonical_sign, column, diagonal, entry,
+    gram_needs_rescale, inverse_norms, jacobi_rotate, non_finite, scale_for, unconverged,
+)
 
-__all__ = ["contrastive", "gram_eig", "is_available", "unsupported_reason"]
+__all__ = ["gram_eig", "gram_eig_unsupported", "is_available"]
 
-MAX_M = 16  # modalities per instance: the kernels take one pointer argument per modality
-JACOBI_MAX_SWEEPS = 12  # fp32 cyclic Jacobi needs <= 7 sweeps up to M = 16; the cap only bounds odd inputs
-JACOBI_TOL = 1e-7  # converged when every |G_ij|, i != j, is <= JACOBI_TOL * trace(G) (fp32 rounding level)
-REGISTER_BUDGET = 2048  # fp32 elements of a [BLOCK_B, MP, BLOCK_D] tile (4 warps: 16 a thread)
-
-_SIGMA_EPS = tl.constexpr(SIGMA_EPS)
-_GAP_EPS = tl.constexpr(GAP_EPS)
-_SIGN_TOL = tl.constexpr(SIGN_TOL)
-_NORM_EPS = tl.constexpr(NORM_EPS)
-_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
-_FLT_MAX = tl.constexpr(torch.finfo(torch.float32).max)
-_NAN = tl.constexpr(float("nan"))
-_JACOBI_TOL = tl.constexpr(JACOBI_TOL)
+MAX_M = MAX_MODALITIES  # the kernels take one pointer argument per modality
+# fp32 elements of a [BLOCK_B, MP, BLOCK_D] tile (4 warps: 8 a thread). At 2048, ptxas spilled in the forward at
+# M = 3 and in the backward at M = 7 (benchmarks/static_check.py, with the specialisation of a real launch).
+REGISTER_BUDGET = 1024
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -74,107 +68,48 @@ def _load_modality(z, b, d, stride_b, stride_d, B, D):
 
 
 @triton.jit
-def _gram_chunk(x, zs, b, d, stride_b, stride_d, B, D, M: tl.constexpr, MP: tl.constexpr):
-    """X X^T [BLOCK_B, MP, MP] over the features of tile x, one column per modality (3-D temporaries only:
-    the [BLOCK_B, MP, MP, BLOCK_D] product would not fit in registers). x_j is re-read from L1, not extracted
-    from x, which would cost a cross-thread reduction."""
+def _gram_chunk(x, r, zs, b, d, stride_b, stride_d, B, D, M: tl.constexpr, MP: tl.constexpr):
+    """(r X)(r X)^T [BLOCK_B, MP, MP] over the features of tile x, rows scaled by r [BLOCK_B, MP], one column
+    per modality (3-D temporaries only: the [BLOCK_B, MP, MP, BLOCK_D] product would not fit in registers). x_j
+    is re-read from L1, not extracted from x, which would cost a cross-thread reduction."""
     col = tl.arange(0, MP)[None, None, :]
+    xs = x * r[:, :, None]
     g = tl.zeros((x.shape[0], MP, MP), tl.float32)
     for j in tl.static_range(M):
-        xj = _load_modality(zs[j], b, d, stride_b, stride_d, B, D)
-        g += tl.where(col == j, tl.sum(x * xj[:, None, :], 2)[:, :, None], 0.0)
+        xj = _load_modality(zs[j], b, d, stride_b, stride_d, B, D) * entry(r, j, MP)[:, None]
+        g += tl.where(col == j, tl.sum(xs * xj[:, None, :], 2)[:, :, None], 0.0)
     return g
 
 
-@triton.jit
-def _entry(v, k, MP: tl.constexpr):
-    """[BLOCK_B] entry k of v [BLOCK_B, MP]."""
-    return tl.sum(tl.where(tl.arange(0, MP)[None, :] == k, v, 0.0), 1)
-
 
 @triton.jit
-def _diagonal(a, MP: tl.constexpr):
-    """[BLOCK_B, MP] diagonal of a [BLOCK_B, MP, MP]."""
-    i = tl.arange(0, MP)
-    return tl.sum(tl.where(i[None, :, None] == i[None, None, :], a, 0.0), 2)
+def _row_scales(base, b, stride_b, stride_d, B, D, NORMALIZE: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """[BLOCK_B, MP] row scales from the rows' largest magnitudes (pmrl/instance.h, row_scales): each row its own
+    with normalisation, the instance's largest for all rows without; 1 when an input is not finite."""
+    amax = tl.zeros((b.shape[0], MP), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        a = tl.abs(_load_rows(base, b, d, stride_b, stride_d, B, D, M, MP))
+        amax = tl.maximum(amax, tl.max(tl.where(a <= FLT_MAX, a, INF), 2))  # NaN counts as Inf
+    finite = tl.max(amax, 1) <= FLT_MAX
+    top = tl.max(amax, 1)
+    r = scale_for(amax) if NORMALIZE else scale_for(top)[:, None] + tl.zeros_like(amax)
+    return tl.where(finite[:, None], r, 1.0)
 
-
-@triton.jit
-def _column(a, k, MP: tl.constexpr):
-    """[BLOCK_B, MP] column k of a [BLOCK_B, MP, MP] (k may be a runtime value)."""
-    j = tl.arange(0, MP)
-    return tl.sum(tl.where(j[None, None, :] == k, a, 0.0), 2)
 
 
 @triton.jit
-def _inverse_norms(graw, NORMALIZE: tl.constexpr, MP: tl.constexpr):
-    """1 / max(||z_m||, NORM_EPS) per row (as F.normalize) and ||z_m||, from the raw Gram diagonal; 1 and
-    ||z_m|| without normalisation."""
-    norm = tl.sqrt_rn(_diagonal(graw, MP))
-    if NORMALIZE:
-        return 1.0 / tl.maximum(norm, _NORM_EPS), norm
-    return tl.full(norm.shape, 1.0, tl.float32), norm
+def _gram_pass(base, zs, b, r, stride_b, stride_d, B, D, M: tl.constexpr, MP: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """The Gram matrix [BLOCK_B, MP, MP] of the rows scaled by r."""
+    g = tl.zeros((b.shape[0], MP, MP), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = _load_rows(base, b, d, stride_b, stride_d, B, D, M, MP)
+        g += _gram_chunk(x, r, zs, b, d, stride_b, stride_d, B, D, M, MP)
+    return g
 
-
-@triton.jit
-def _jacobi_rotate(g, v, p, q, MP: tl.constexpr):
-    """One Jacobi rotation zeroing G_pq of every instance (Numerical Recipes' formulas), applied to G and V."""
-    i = tl.arange(0, MP)
-    row = i[None, :, None]
-    col = i[None, None, :]
-    jv = i[None, :]
-    gp = tl.sum(tl.where(row == p, g, 0.0), 1)  # row p of G, indexed by column
-    gq = tl.sum(tl.where(row == q, g, 0.0), 1)
-    app = tl.sum(tl.where(jv == p, gp, 0.0), 1)
-    apq = tl.sum(tl.where(jv == q, gp, 0.0), 1)
-    aqq = tl.sum(tl.where(jv == q, gq, 0.0), 1)
-    # G_pq negligible against the diagonal gap (or 0): no rotation, G_pq is just dropped; this also bounds
-    # |theta| by 5e17, so theta^2 cannot overflow
-    done = tl.abs(apq) <= 1e-18 * tl.abs(aqq - app)
-    theta = (aqq - app) / tl.where(done, 1.0, 2.0 * apq)
-    t = tl.where(theta >= 0.0, 1.0, -1.0) / (tl.abs(theta) + tl.sqrt_rn(theta * theta + 1.0))
-    t = tl.where(done, 0.0, t)
-    c = 1.0 / tl.sqrt_rn(t * t + 1.0)
-    s = t * c
-    new_p = c[:, None] * gp - s[:, None] * gq
-    new_q = s[:, None] * gp + c[:, None] * gq
-    # the 2 x 2 block exactly: rotated diagonal, G_pq = 0 (not its rounding residue)
-    new_p = tl.where(jv == p, (app - t * apq)[:, None], tl.where(jv == q, 0.0, new_p))
-    new_q = tl.where(jv == q, (aqq + t * apq)[:, None], tl.where(jv == p, 0.0, new_q))
-    g = tl.where(row == p, new_p[:, None, :], tl.where(row == q, new_q[:, None, :], g))
-    g = tl.where(col == p, new_p[:, :, None], tl.where(col == q, new_q[:, :, None], g))
-    vp = _column(v, p, MP)
-    vq = _column(v, q, MP)
-    v = tl.where(col == p, (c[:, None] * vp - s[:, None] * vq)[:, :, None], v)
-    v = tl.where(col == q, (s[:, None] * vp + c[:, None] * vq)[:, :, None], v)
-    return g, v
-
-
-@triton.jit
-def _unconverged(g, MP: tl.constexpr):
-    """True while some instance has an off-diagonal entry above JACOBI_TOL * trace (NaN compares False)."""
-    i = tl.arange(0, MP)
-    off_diag = i[None, :, None] != i[None, None, :]
-    off = tl.max(tl.max(tl.where(off_diag, tl.abs(g), 0.0), 2), 1)
-    trace = tl.sum(_diagonal(g, MP), 1)
-    return tl.max((off > _JACOBI_TOL * trace).to(tl.int32), 0) > 0
-
-
-@triton.jit
-def _non_finite(a):
-    """[BLOCK_B] True where an instance's [BLOCK_B, MP, MP] block holds NaN or Inf."""
-    return tl.max(tl.max((~(tl.abs(a) <= _FLT_MAX)).to(tl.int32), 2), 1) > 0
-
-
-@triton.jit
-def _canonical_sign(u, i, MP: tl.constexpr):
-    """reference.canonical_sign for columns u [BLOCK_B, MP] (padding entries are 0): the sign of the column sum,
-    or, when that is within SIGN_TOL of 0, of the first entry with |u_m| > SIGN_TOL (+ if none)."""
-    total = tl.sum(u, 1)
-    first_idx = tl.min(tl.where(tl.abs(u) > _SIGN_TOL, i[None, :], MP), 1)
-    first = tl.sum(tl.where(i[None, :] == first_idx[:, None], u, 0.0), 1)
-    key = tl.where(tl.abs(total) > _SIGN_TOL, total, tl.where(first_idx < MP, first, 1.0))
-    return tl.where(key >= 0.0, 1.0, -1.0)
 
 
 @triton.jit
@@ -193,29 +128,37 @@ def _gram_eig_fwd_kernel(
     row = i[None, :, None]
     col = i[None, None, :]
 
-    graw = tl.zeros((BLOCK_B, MP, MP), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        x = _load_rows(base, b, d, stride_b, stride_d, B, D, M, MP)
-        graw += _gram_chunk(x, zs, b, d, stride_b, stride_d, B, D, M, MP)
-    inv_n, _ = _inverse_norms(graw, NORMALIZE, MP)
-    g = graw * inv_n[:, :, None] * inv_n[:, None, :]
+    r = tl.full((BLOCK_B, MP), 1.0, tl.float32)
+    graw = _gram_pass(base, zs, b, r, stride_b, stride_d, B, D, M, MP, BLOCK_D)
+    # rows whose products over- or underflowed: their magnitudes, then the Gram matrix of the scaled rows
+    # (docs/maths.md, "Scale"); the program's other instances keep r = 1 and get the same sums again
+    needs = gram_needs_rescale(graw, NORMALIZE, M, MP) & (b < B)
+    if tl.max(needs.to(tl.int32), 0) > 0:
+        scaled = _row_scales(base, b, stride_b, stride_d, B, D, NORMALIZE, M, MP, BLOCK_D)
+        r = tl.where(needs[:, None], scaled, 1.0)
+        graw = _gram_pass(base, zs, b, r, stride_b, stride_d, B, D, M, MP, BLOCK_D)
+    inv_n, norm = inverse_norms(graw, r, NORMALIZE, MP)
+    # the maths works on Zn_c = c Zn, c the power of two that brings the largest row norm near 1 (pmrl/instance.h):
+    # the solver's rotation test can neither overflow nor underflow, and every coefficient is of order 1
+    c = scale_for(tl.max(norm * inv_n, 1))
+    wv = inv_n * c[:, None]  # zn_cm = wv_m zhat_m
+    g = graw * wv[:, :, None] * wv[:, None, :]
     # a non-finite instance is solved as a zero matrix and reported as NaN, so it cannot touch the others
-    bad = _non_finite(g)
+    bad = non_finite(g)
     g = tl.where(bad[:, None, None], 0.0, g)
 
     v = tl.where(row == col, 1.0, 0.0) + tl.zeros((BLOCK_B, MP, MP), tl.float32)
     sweep = 0
-    while (sweep < MAX_SWEEPS) & _unconverged(g, MP):
+    while (sweep < MAX_SWEEPS) & unconverged(g, MP):
         for p in range(M - 1):
             for q in range(p + 1, M):
-                g, v = _jacobi_rotate(g, v, p, q, MP)
+                g, v = jacobi_rotate(g, v, p, q, MP)
         sweep += 1
-    bad = bad | _non_finite(g) | _non_finite(v)
+    bad = bad | non_finite(g) | non_finite(v)
 
     # descending order by rank (ties by index; padding last); eigenvector columns get the canonical sign
-    lam = _diagonal(g, MP)
-    key = tl.where(i[None, :] < M, lam, -_FLT_MAX)
+    lam = diagonal(g, MP)
+    key = tl.where(i[None, :] < M, lam, -FLT_MAX)
     before = (key[:, :, None] > key[:, None, :]) | ((key[:, :, None] == key[:, None, :]) & (row < col))
     rank = tl.sum(before.to(tl.int32), 1)
     b_ok = b < B
@@ -225,23 +168,50 @@ def _gram_eig_fwd_kernel(
         chosen = rank == k
         lam_k = tl.sum(tl.where(chosen, lam, 0.0), 1)
         u_k = tl.sum(tl.where(chosen[:, None, :], v, 0.0), 2)
-        u_k = u_k * _canonical_sign(u_k, i, MP)[:, None]
-        s_k = tl.where(bad, _NAN, tl.sqrt_rn(tl.maximum(lam_k, 0.0)))
-        u_k = tl.where(bad[:, None], _NAN, u_k)
+        u_k = u_k * canonical_sign(u_k, i, MP)[:, None]
+        # without normalisation the rows were scaled by the common r: S = sqrt(lam) / r; past D, exact zeros
+        s_kc = tl.sqrt_rn(tl.maximum(lam_k, 0.0))
+        s_k = tl.math.div_rn(s_kc, c)  # S = S_c / c, and without normalisation the rows were r Z
+        if not NORMALIZE:
+            s_k = tl.math.div_rn(s_k, entry(r, 0, MP))
+        s_k = tl.where(bad, NAN, tl.where(k < D, s_k, 0.0))
+        u_k = tl.where(bad[:, None], NAN, u_k)
         tl.store(S + b * M + k, s_k, mask=b_ok)
         tl.store(U + b[:, None] * (M * M) + i[None, :] * M + k, u_k, mask=b_ok[:, None] & (i[None, :] < M))
         if k == 0:
-            s1 = s_k
+            s1 = tl.where(bad, NAN, s_kc)
             u1 = u_k
 
-    # lead = Zn^T u_1 * safe_inverse(s_1, tiny): a second pass over D
-    w = u1 * (s1 / (s1 * s1 + _TINY))[:, None] * inv_n
+    # lead = Zn_c^T u_1 * safe_inverse(s_1c, tiny): a second pass over D
+    w = u1 * tl.math.div_rn(s1, s1 * s1 + TINY)[:, None] * wv  # on the scaled rows r z
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         lead = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
         for j in tl.static_range(M):
-            lead += _entry(w, j, MP)[:, None] * _load_modality(zs[j], b, d, stride_b, stride_d, B, D)
+            zj = _load_modality(zs[j], b, d, stride_b, stride_d, B, D) * entry(r, j, MP)[:, None]
+            lead += entry(w, j, MP)[:, None] * zj
         tl.store(LEAD + b[:, None] * D + d[None, :], lead, mask=b_ok[:, None] & (d[None, :] < D))
+
+
+@triton.jit
+def _backward_reductions(base, zs, b, r, GLEAD, stride_b, stride_d, stride_gl_b, stride_gl_d, B, D,
+                         NORMALIZE: tl.constexpr, HAS_GLEAD: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """(Gram matrix [BLOCK_B, MP, MP] with normalisation, Z gbar [BLOCK_B, MP] with a lead gradient) of the rows
+    scaled by r, in one pass over D."""
+    graw = tl.zeros((b.shape[0], MP, MP), tl.float32)
+    zg = tl.zeros((b.shape[0], MP), tl.float32)
+    if NORMALIZE or HAS_GLEAD:
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            x = _load_rows(base, b, d, stride_b, stride_d, B, D, M, MP)
+            if NORMALIZE:
+                graw += _gram_chunk(x, r, zs, b, d, stride_b, stride_d, B, D, M, MP)
+            if HAS_GLEAD:
+                gbar = tl.load(GLEAD + b[:, None] * stride_gl_b + d[None, :] * stride_gl_d,
+                               mask=(b[:, None] < B) & (d[None, :] < D), other=0.0).to(tl.float32)
+                zg += tl.sum(x * r[:, :, None] * gbar[:, None, :], 2)
+    return graw, zg
 
 
 @triton.jit
@@ -254,7 +224,7 @@ def _gram_eig_bwd_kernel(
 ):
     """dZ [B, M, D] (contiguous, the input dtype) from dL/dS and dL/dlead; reference.gram_eig_backward's maths.
 
-    dL/dZn = C Zn + u_1 gbar^T / sigma_1 (PMRL.md, matrix form) and, through the normalisation with
+    dL/dZn = C Zn + u_1 gbar^T / sigma_1 (docs/maths.md, "The backward in matrix form") and, through the normalisation with
     N = diag(max(||z_m||, NORM_EPS)), dL/dZ = K Z + w gbar^T, K = N^-1 C N^-1 - diag(radial) N^-2: the M x M
     matrix K and the M-vector w are built once per instance, between the two passes over D.
     """
@@ -268,76 +238,80 @@ def _gram_eig_bwd_kernel(
     u = tl.load(U + b[:, None, None] * (M * M) + i[None, :, None] * M + i[None, None, :],
                 mask=m_ok[:, :, None] & (i[None, None, :] < M), other=0.0)
 
-    # pass 1: the raw Gram matrix (for the norms and the radial part of the normalisation) and Z gbar
-    graw = tl.zeros((BLOCK_B, MP, MP), tl.float32)
-    zg = tl.zeros((BLOCK_B, MP), tl.float32)
-    if NORMALIZE or HAS_GLEAD:
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            x = _load_rows(base, b, d, stride_b, stride_d, B, D, M, MP)
-            if NORMALIZE:
-                graw += _gram_chunk(x, zs, b, d, stride_b, stride_d, B, D, M, MP)
-            if HAS_GLEAD:
-                gbar = tl.load(GLEAD + b[:, None] * stride_gl_b + d[None, :] * stride_gl_d,
-                               mask=b_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
-                zg += tl.sum(x * gbar[:, None, :], 2)
-    inv_n, norm = _inverse_norms(graw, NORMALIZE, MP)
+    # pass 1: the Gram matrix (for the norms and the radial part of the normalisation) and Z gbar, of the rows
+    # scaled by r (docs/maths.md, "Scale"): r = 1 unless a row's squared norm over- or underflowed
+    r = tl.full((BLOCK_B, MP), 1.0, tl.float32)
+    graw, zg = _backward_reductions(base, zs, b, r, GLEAD, stride_b, stride_d, stride_gl_b, stride_gl_d, B, D,
+                                    NORMALIZE, HAS_GLEAD, M, MP, BLOCK_D)
+    if NORMALIZE:
+        needs = gram_needs_rescale(graw, NORMALIZE, M, MP) & b_ok
+        if tl.max(needs.to(tl.int32), 0) > 0:
+            scaled = _row_scales(base, b, stride_b, stride_d, B, D, NORMALIZE, M, MP, BLOCK_D)
+            r = tl.where(needs[:, None], scaled, 1.0)
+            graw, zg = _backward_reductions(base, zs, b, r, GLEAD, stride_b, stride_d, stride_gl_b, stride_gl_d, B,
+                                            D, NORMALIZE, HAS_GLEAD, M, MP, BLOCK_D)
+    inv_n, norm = inverse_norms(graw, r, NORMALIZE, MP)
+    # the maths works on Zn_c = c Zn, c the power of two of sigma_1 (pmrl/instance.h's backward_coefficients)
+    c = scale_for(entry(s, 0, MP))
+    s = s * c[:, None]
+    wv = inv_n * c[:, None]  # zn_cm = wv_m zhat_m
 
-    s1 = _entry(s, 0, MP)
+    s1 = entry(s, 0, MP)
     lam = s * s
     lam1 = s1 * s1
-    inv_s1 = s1 / (lam1 + _TINY)
-    u1 = _column(u, 0, MP)
+    inv_s1 = tl.math.div_rn(s1, lam1 + TINY)
+    u1 = column(u, 0, MP)
     coef = tl.zeros((BLOCK_B, MP, MP), tl.float32)  # C
-    w = tl.zeros((BLOCK_B, MP), tl.float32)  # dL/dZn's rank-1 term u_1 gbar^T / sigma_1, per row
-    a = zg * inv_n  # Zn gbar
+    w = tl.zeros((BLOCK_B, MP), tl.float32)  # dL/dZn_c's rank-1 term u_1 gbar^T / sigma_1c, per row
+    a = zg * wv  # Zn_c gbar
     if HAS_GS:
         gs = tl.load(GS + b[:, None] * stride_gs_b + i[None, :] * stride_gs_m, mask=m_ok, other=0.0)
-        floor_sq = (_SIGMA_EPS * s1) * (_SIGMA_EPS * s1) + _TINY
-        ws = gs.to(tl.float32) * (s / (lam + floor_sq[:, None]))
+        floor_sq = (SIGMA_EPS * s1) * (SIGMA_EPS * s1) + TINY
+        # dL/dsigma_kc = dL/dsigma_k / c
+        ws = tl.math.div_rn(gs.to(tl.float32), c[:, None]) * tl.math.div_rn(s, lam + floor_sq[:, None])
         for k in tl.static_range(M):  # U diag(ws) U^T
-            uk = _column(u, k, MP)
-            coef += _entry(ws, k, MP)[:, None, None] * (uk[:, :, None] * uk[:, None, :])
+            uk = column(u, k, MP)
+            coef += entry(ws, k, MP)[:, None, None] * (uk[:, :, None] * uk[:, None, :])
     if HAS_GLEAD:
         bk = tl.sum(u * a[:, :, None], 1)  # b_k = u_k . a
-        c = _entry(bk, 0, MP) * inv_s1  # lead . gbar
+        lg = entry(bk, 0, MP) * inv_s1  # lead . gbar
         gap = lam1[:, None] - lam
-        gap_floor_sq = (_GAP_EPS * lam1) * (_GAP_EPS * lam1) + _TINY
-        h = bk * (gap / (gap * gap + gap_floor_sq[:, None])) * inv_s1[:, None]
+        gap_floor_sq = (GAP_EPS * lam1) * (GAP_EPS * lam1) + TINY
+        h = bk * tl.math.div_rn(gap, gap * gap + gap_floor_sq[:, None]) * inv_s1[:, None]
         h = tl.where(i[None, :] == 0, 0.0, h)
         uh = tl.sum(u * h[:, None, :], 2)  # sum_k h_k u_k
         coef += uh[:, :, None] * u1[:, None, :] + u1[:, :, None] * uh[:, None, :]
-        coef -= (c * inv_s1 * inv_s1)[:, None, None] * (u1[:, :, None] * u1[:, None, :])
+        coef -= (lg * inv_s1 * inv_s1)[:, None, None] * (u1[:, :, None] * u1[:, None, :])
         w = u1 * inv_s1[:, None]
     if NORMALIZE:
-        # dL/dz_m = (dL/dzn_m - (dL/dzn_m . zn_m) zn_m) / ||z_m||, with dL/dzn_m . zn_m = (C G)_mm + w_m a_m
-        g = graw * inv_n[:, :, None] * inv_n[:, None, :]
+        # dL/dzn_m - (dL/dzn_m . zn_m) zn_m, with dL/dzn_m . zn_m = (C G_c)_mm + w_m a_m, on Zn_c: radial / c^2
+        g = graw * wv[:, :, None] * wv[:, None, :]
         radial = tl.sum(coef * g, 2) + w * a
-        radial = tl.where(norm > _NORM_EPS, radial, 0.0)
-        coef = coef * inv_n[:, :, None] * inv_n[:, None, :]
-        coef -= tl.where(i[None, :, None] == i[None, None, :], (radial * inv_n * inv_n)[:, :, None], 0.0)
-        w = w * inv_n
+        radial = tl.where(norm > r * NORM_EPS, radial, 0.0)
+        coef = coef * wv[:, None, :]
+        coef -= tl.where(i[None, :, None] == i[None, None, :],
+                         tl.math.div_rn(radial * wv, (c * c)[:, None])[:, :, None], 0.0)
+    else:
+        coef = coef * wv[:, None, :]
 
-    # pass 2: dZ = K Z + w gbar^T
+    # pass 2: dL/dz_m = r_m (wv_m (sum_n K_mn (r_n z_n) + w_m gbar)) (pmrl/instance.h's backward_coefficients), in
+    # that order: r_m wv_m alone can overflow where dL/dz does not
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dz = tl.zeros((BLOCK_B, MP, BLOCK_D), tl.float32)
         for j in tl.static_range(M):
-            dz += _column(coef, j, MP)[:, :, None] * _load_modality(zs[j], b, d, stride_b, stride_d, B, D)[:, None, :]
+            zj = _load_modality(zs[j], b, d, stride_b, stride_d, B, D) * entry(r, j, MP)[:, None]
+            dz += column(coef, j, MP)[:, :, None] * zj[:, None, :]
         if HAS_GLEAD:
             gbar = tl.load(GLEAD + b[:, None] * stride_gl_b + d[None, :] * stride_gl_d,
                            mask=b_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
             dz += w[:, :, None] * gbar[:, None, :]
+        dz = (dz * wv[:, :, None]) * r[:, :, None]
         ptr = DZ + b[:, None, None] * (M * D) + i[None, :, None] * D + d[None, None, :]
         tl.store(ptr, dz, mask=m_ok[:, :, None] & (d[None, None, :] < D))
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-
-
-def _interpreting() -> bool:
-    """Whether Triton runs in its CPU interpreter (decided by TRITON_INTERPRET when triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _common_strides(zs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -349,11 +323,11 @@ def _common_strides(zs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def block_sizes(m_pad: int, d: int) -> tuple[int, int]:
     """(BLOCK_B, BLOCK_D). Compiled: 256 entries of G (and of V) per program for the Jacobi solve and
-    [BLOCK_B, MP, BLOCK_D] tiles of REGISTER_BUDGET elements: no register spills for sm_90 at any M (checked
-    with cuobjdump), otherwise untuned. Interpreted: the cost is per operation, not per element, so 64
+    [BLOCK_B, MP, BLOCK_D] tiles of REGISTER_BUDGET elements: no register spills for sm_90 (checked by
+    benchmarks/static_check.py in CI), otherwise untuned. Interpreted: the cost is per operation, not per element, so 64
     instances and up to 512 features at a time."""
     d_pad = triton.next_power_of_2(d)
-    if _interpreting():
+    if interpreting():
         return 64, min(d_pad, 512)
     block_b = min(64, 256 // (m_pad * m_pad))
     return block_b, min(d_pad, 64, REGISTER_BUDGET // (block_b * m_pad))
@@ -363,7 +337,7 @@ def _pointer_args(zs: list[torch.Tensor]) -> list[torch.Tensor]:
     return zs + [zs[0]] * (MAX_M - len(zs))  # unused pointer slots repeat modality 0 and are never read
 
 
-@triton_op("pmrl_triton::gram_eig_fwd", mutates_args=())
+@triton_op("pmrl_kernels::triton_gram_eig_fwd", mutates_args=())
 def gram_eig_fwd(zs: list[torch.Tensor], normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """S [B, M], U [B, M, M], lead [B, D] in float32 (the autograd-free forward)."""
     zs = _common_strides(list(zs))
@@ -382,7 +356,7 @@ def gram_eig_fwd(zs: list[torch.Tensor], normalize: bool) -> tuple[torch.Tensor,
     return s, u, lead
 
 
-@triton_op("pmrl_triton::gram_eig_bwd", mutates_args=())
+@triton_op("pmrl_kernels::triton_gram_eig_bwd", mutates_args=())
 def gram_eig_bwd(
     zs: list[torch.Tensor],
     s: torch.Tensor,
@@ -414,8 +388,8 @@ def gram_eig_bwd(
 # (S, U, lead) as reference.gram_eig, float32; gradients to zs through S and lead, none through U. The backward
 # kernel needs no lead (lead . gbar is b_1 / sigma_1).
 gram_eig = gram_eig_autograd(
-    lambda zs, normalize: torch.ops.pmrl_triton.gram_eig_fwd(zs, normalize),
-    lambda zs, s, u, lead, grad_s, grad_lead, normalize: torch.ops.pmrl_triton.gram_eig_bwd(
+    lambda zs, normalize: torch.ops.pmrl_kernels.triton_gram_eig_fwd(zs, normalize),
+    lambda zs, s, u, lead, grad_s, grad_lead, normalize: torch.ops.pmrl_kernels.triton_gram_eig_bwd(
         zs, s, u, grad_s, grad_lead, normalize
     ),
 )
@@ -424,16 +398,9 @@ gram_eig = gram_eig_autograd(
 # ----------------------------------------------------------------------------------------------- interface
 
 
-def is_available(device_type: str) -> bool:
-    """CUDA devices, and the CPU only under the Triton interpreter (TRITON_INTERPRET=1 before import)."""
-    if device_type == "cuda":
-        return torch.cuda.is_available()
-    return device_type == "cpu" and _interpreting()
-
-
-def unsupported_reason(zs: list[torch.Tensor]) -> Optional[str]:
-    if not 2 <= len(zs) <= MAX_M:
-        return f"the Triton kernels take 2 to {MAX_M} modalities, got M = {len(zs)}"
+def gram_eig_unsupported(zs: Sequence[torch.Tensor]) -> Optional[str]:
+    if not MIN_MODALITIES <= len(zs) <= MAX_M:
+        return f"the Triton kernels take {MIN_MODALITIES} to {MAX_M} modalities, got M = {len(zs)}"
     if zs[0].dtype == torch.float64:
         return "the Triton kernels compute in float32; float64 input needs the reference or C++ backend"
     return None

@@ -7,8 +7,43 @@
 
 namespace pmrl {
 
+// One Jacobi rotation of the pair (p, q), p < q, when a_pq passes the rotation test; true when it rotated.
+template <class T, int M>
+PMRL_HD bool jacobi_rotate(T a[M][M], T v[M][M], int p, int q) {
+  using N = Num<T>;
+  const T apq = a[p][q];
+  // written without sqrt (the check runs M^2 / 2 times a sweep); the product of the diagonal entries is scaled by
+  // tol first so that it cannot overflow
+  const T tol = T(kJacobiRelTol) * N::eps();
+  if (!(apq * apq > tol * N::abs(a[p][p]) * (tol * N::abs(a[q][q])))) return false;
+  // t = tan of the rotation angle, the root of t^2 + 2 theta t - 1 = 0 of smaller magnitude; written so that
+  // theta^2 cannot overflow.
+  const T theta = (a[q][q] - a[p][p]) / (T(2) * apq);
+  const T at = N::abs(theta);
+  T t = T(1) / (at + (at > T(1) ? at * N::sqrt(T(1) + T(1) / (at * at)) : N::sqrt(T(1) + at * at)));
+  if (theta < T(0)) t = -t;
+  a[p][q] = a[q][p] = T(0);
+  if (t == T(0)) return true;  // a_pq is negligible against the diagonal gap: dropping it is the rotation
+  const T c = T(1) / N::sqrt(T(1) + t * t);
+  const T s = t * c;
+  a[p][p] -= t * apq;
+  a[q][q] += t * apq;
+  PMRL_UNROLL_M
+  for (int r = 0; r < M; ++r) {
+    if (r != p && r != q) {
+      const T arp = a[r][p], arq = a[r][q];
+      a[r][p] = a[p][r] = c * arp - s * arq;
+      a[r][q] = a[q][r] = s * arp + c * arq;
+    }
+    const T vrp = v[r][p], vrq = v[r][q];
+    v[r][p] = c * vrp - s * vrq;
+    v[r][q] = s * vrp + c * vrq;
+  }
+  return true;
+}
+
 // Cyclic Jacobi: a := diag(eigenvalues), v := the eigenvectors (columns), a V = V diag on return.
-// A pair (p, q) is rotated only while a_pq^2 > eps^2 |a_pp a_qq|, the criterion that gives small eigenvalues
+// A pair (p, q) is rotated only while a_pq^2 > (kJacobiRelTol eps)^2 |a_pp a_qq|, the criterion that gives small eigenvalues
 // high relative accuracy; the sweep cap bounds the loop on any input.
 template <class T, int M>
 PMRL_HD void jacobi_eigh(T a[M][M], T v[M][M]) {
@@ -20,38 +55,13 @@ PMRL_HD void jacobi_eigh(T a[M][M], T v[M][M]) {
   }
   for (int sweep = 0; sweep < kMaxSweeps; ++sweep) {
     bool rotated = false;
+    // Both loops run over all M so that their trip counts are constants: nvcc then unrolls them fully and a and v
+    // stay in registers (a q loop starting at p + 1 kept them in local memory from M = 5 on).
     PMRL_UNROLL_M
-    for (int p = 0; p < M - 1; ++p) {
+    for (int p = 0; p < M; ++p) {
       PMRL_UNROLL_M
-      for (int q = p + 1; q < M; ++q) {
-        const T apq = a[p][q];
-        // written without sqrt (the check runs M^2 / 2 times a sweep); the product of the diagonal entries is
-        // scaled by eps first so that it cannot overflow
-        if (!(apq * apq > N::eps() * N::abs(a[p][p]) * (N::eps() * N::abs(a[q][q])))) continue;
-        // t = tan of the rotation angle, the root of t^2 + 2 theta t - 1 = 0 of smaller magnitude; written so
-        // that theta^2 cannot overflow.
-        const T theta = (a[q][q] - a[p][p]) / (T(2) * apq);
-        const T at = N::abs(theta);
-        T t = T(1) / (at + (at > T(1) ? at * N::sqrt(T(1) + T(1) / (at * at)) : N::sqrt(T(1) + at * at)));
-        if (theta < T(0)) t = -t;
-        a[p][q] = a[q][p] = T(0);
-        if (t == T(0)) continue;  // a_pq is negligible against the diagonal gap: dropping it is the rotation
-        const T c = T(1) / N::sqrt(T(1) + t * t);
-        const T s = t * c;
-        a[p][p] -= t * apq;
-        a[q][q] += t * apq;
-        PMRL_UNROLL_M
-        for (int r = 0; r < M; ++r) {
-          if (r != p && r != q) {
-            const T arp = a[r][p], arq = a[r][q];
-            a[r][p] = a[p][r] = c * arp - s * arq;
-            a[r][q] = a[q][r] = s * arp + c * arq;
-          }
-          const T vrp = v[r][p], vrq = v[r][q];
-          v[r][p] = c * vrp - s * vrq;
-          v[r][q] = s * vrp + c * vrq;
-        }
-        rotated = true;
+      for (int q = 0; q < M; ++q) {
+        if (q > p) rotated = jacobi_rotate<T, M>(a, v, p, q) || rotated;
       }
     }
     if (!rotated) break;
@@ -82,7 +92,7 @@ PMRL_HD void sort_descending_clamped(T lam[M], T u[M][M]) {
   for (int k = 0; k < M; ++k) lam[k] = lam[k] > T(0) ? lam[k] : T(0);
 }
 
-// reference.canonical_sign: the sign that makes each column sum >= 0. A sum within kSignTol of 0 is a tie
+// pmrl_kernels.terms.canonical_sign: the sign that makes each column sum >= 0. A sum within kSignTol of 0 is a tie
 // (exactly 0 for M = 2 with the rows pointing apart) that rounding would break at random: there the first entry
 // with |u_r| > kSignTol decides, and a column with none keeps its sign.
 template <class T, int M>

@@ -54,11 +54,12 @@ struct Types {
   using compute = T;    // type of the maths and of S, U, lead
 };
 
-// Calls f(Types<In, T>{}, std::integral_constant<int, M>{}) for the input dtype and M. Half and BFloat16 are the
-// backend's 16-bit storage types (c10::Half / __half, ...); the maths runs in float for them, as for float.
-template <class Half, class BFloat16, class F>
+// Calls f(Types<In, T>{}, std::integral_constant<int, M>{}) for the input dtype and M (in [Lo, Hi], which the caller
+// has checked). Half and BFloat16 are the backend's 16-bit storage types (c10::Half / __half, ...); the maths runs
+// in float for them, as for float.
+template <class Half, class BFloat16, int Lo = kMinM, int Hi = kMaxM, class F>
 void dispatch_types(DType dtype, int m, F&& f) {
-  dispatch_modalities(m, [&](auto mc) {
+  dispatch_m<Lo, Hi>(m, [&](auto mc) {
     switch (dtype) {
       case DType::kFloat64: return f(Types<double, double>{}, mc);
       case DType::kFloat32: return f(Types<float, float>{}, mc);

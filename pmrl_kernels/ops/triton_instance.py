@@ -1,0 +1,140 @@
+"""The per-instance maths of the Triton gram_eig kernels (pmrl_kernels/ops/triton_gram.py), the counterpart of
+csrc/include/pmrl/*.h: masked selections and reductions over [BLOCK_B, MP] and [BLOCK_B, MP, MP] blocks (Triton
+cannot index registers), the Jacobi rotation and its stopping test, the canonical sign, the scale helpers, with the
+constants of pmrl_kernels.constants (docs/maths.md, "Singular cases" and "Scale")."""
+import torch
+import triton
+import triton.language as tl
+
+from .. import constants
+
+SIGMA_EPS = tl.constexpr(constants.SIGMA_EPS)
+GAP_EPS = tl.constexpr(constants.GAP_EPS)
+SIGN_TOL = tl.constexpr(constants.SIGN_TOL)
+NORM_EPS = tl.constexpr(constants.NORM_EPS)
+TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
+FLT_MAX = tl.constexpr(torch.finfo(torch.float32).max)
+NAN = tl.constexpr(float("nan"))
+INF = tl.constexpr(float("inf"))
+SQRT_TINY = tl.constexpr(torch.finfo(torch.float32).tiny ** 0.5)
+# the relative rotation test of the C++ solver (csrc/include/pmrl/eigen.h), in fp32
+JACOBI_TOL = tl.constexpr(constants.JACOBI_REL_TOL * torch.finfo(torch.float32).eps)
+
+
+@triton.jit
+def scale_for(x):
+    """The power of two r with r x in [0.5, 1), clamped to [2^-126, 2^126]; 1 for 0, NaN and Inf (the C++
+    scale_for, from the exponent bits: Triton has no frexp)."""
+    biased = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    field = tl.minimum(tl.maximum(253 - biased, 1), 253)
+    r = (field << 23).to(tl.float32, bitcast=True)
+    return tl.where((x > 0.0) & (x <= FLT_MAX), r, 1.0)
+
+
+@triton.jit
+def gram_needs_rescale(graw, NORMALIZE: tl.constexpr, M: tl.constexpr, MP: tl.constexpr):
+    """[BLOCK_B] pmrl/instance.h's gram_needs_rescale: a diagonal entry not finite, or below sqrt(tiny) (with
+    normalisation any row, without the largest), where the products lost precision."""
+    diag = diagonal(graw, MP)
+    finite = tl.min((diag <= FLT_MAX).to(tl.int32), 1) > 0
+    if NORMALIZE:
+        i = tl.arange(0, MP)[None, :]
+        return ~finite | (tl.max(((diag < SQRT_TINY) & (i < M)).to(tl.int32), 1) > 0)
+    return ~finite | (tl.max(diag, 1) < SQRT_TINY)
+
+
+@triton.jit
+def entry(v, k, MP: tl.constexpr):
+    """[BLOCK_B] entry k of v [BLOCK_B, MP]."""
+    return tl.sum(tl.where(tl.arange(0, MP)[None, :] == k, v, 0.0), 1)
+
+
+@triton.jit
+def diagonal(a, MP: tl.constexpr):
+    """[BLOCK_B, MP] diagonal of a [BLOCK_B, MP, MP]."""
+    i = tl.arange(0, MP)
+    return tl.sum(tl.where(i[None, :, None] == i[None, None, :], a, 0.0), 2)
+
+
+@triton.jit
+def column(a, k, MP: tl.constexpr):
+    """[BLOCK_B, MP] column k of a [BLOCK_B, MP, MP] (k may be a runtime value)."""
+    j = tl.arange(0, MP)
+    return tl.sum(tl.where(j[None, None, :] == k, a, 0.0), 2)
+
+
+@triton.jit
+def inverse_norms(graw, r, NORMALIZE: tl.constexpr, MP: tl.constexpr):
+    """1 / max(||zhat_m||, r_m NORM_EPS) per row (zhat = r z; as F.normalize divides z by max(||z||, NORM_EPS))
+    and ||zhat_m||, from the Gram diagonal of the scaled rows; 1 and ||zhat_m|| without normalisation."""
+    norm = tl.sqrt_rn(diagonal(graw, MP))
+    if NORMALIZE:
+        return tl.math.div_rn(tl.full(norm.shape, 1.0, tl.float32), tl.maximum(norm, r * NORM_EPS)), norm
+    return tl.full(norm.shape, 1.0, tl.float32), norm
+
+
+@triton.jit
+def jacobi_rotate(g, v, p, q, MP: tl.constexpr):
+    """One Jacobi rotation zeroing G_pq of every instance (Numerical Recipes' formulas), applied to G and V."""
+    i = tl.arange(0, MP)
+    row = i[None, :, None]
+    col = i[None, None, :]
+    jv = i[None, :]
+    gp = tl.sum(tl.where(row == p, g, 0.0), 1)  # row p of G, indexed by column
+    gq = tl.sum(tl.where(row == q, g, 0.0), 1)
+    app = tl.sum(tl.where(jv == p, gp, 0.0), 1)
+    apq = tl.sum(tl.where(jv == q, gp, 0.0), 1)
+    aqq = tl.sum(tl.where(jv == q, gq, 0.0), 1)
+    # the solver's rotation test and angle, as csrc/include/pmrl/eigen.h: rotate only while
+    # a_pq^2 > tol^2 |a_pp a_qq| (relative, so small eigenvalues keep their accuracy); theta^2 cannot overflow
+    rotate = tl.abs(apq) * tl.abs(apq) > (JACOBI_TOL * tl.abs(app)) * (JACOBI_TOL * tl.abs(aqq))
+    theta = (aqq - app) / tl.where(rotate, 2.0 * apq, 1.0)
+    at = tl.abs(theta)
+    small = tl.minimum(at, 1.0)
+    inv_big = 1.0 / tl.maximum(at, 1.0)  # both branches are evaluated: keep each finite
+    root = tl.where(at > 1.0, at * tl.sqrt_rn(1.0 + inv_big * inv_big), tl.sqrt_rn(1.0 + small * small))
+    t = tl.where(theta >= 0.0, 1.0, -1.0) / (at + root)
+    t = tl.where(rotate, t, 0.0)
+    c = 1.0 / tl.sqrt_rn(t * t + 1.0)
+    s = t * c
+    new_p = c[:, None] * gp - s[:, None] * gq
+    new_q = s[:, None] * gp + c[:, None] * gq
+    # the 2 x 2 block exactly: rotated diagonal, G_pq = 0 (not its rounding residue); kept when not rotated
+    a_pq = tl.where(rotate, 0.0, apq)[:, None]
+    new_p = tl.where(jv == p, (app - t * apq)[:, None], tl.where(jv == q, a_pq, new_p))
+    new_q = tl.where(jv == q, (aqq + t * apq)[:, None], tl.where(jv == p, a_pq, new_q))
+    g = tl.where(row == p, new_p[:, None, :], tl.where(row == q, new_q[:, None, :], g))
+    g = tl.where(col == p, new_p[:, :, None], tl.where(col == q, new_q[:, :, None], g))
+    vp = column(v, p, MP)
+    vq = column(v, q, MP)
+    v = tl.where(col == p, (c[:, None] * vp - s[:, None] * vq)[:, :, None], v)
+    v = tl.where(col == q, (s[:, None] * vp + c[:, None] * vq)[:, :, None], v)
+    return g, v
+
+
+@triton.jit
+def unconverged(g, MP: tl.constexpr):
+    """True while some instance has a pair the rotation test of jacobi_rotate would rotate (NaN compares
+    False): the C++ solver's "a sweep with no rotation" stop, checked before the sweep."""
+    i = tl.arange(0, MP)
+    off_diag = i[None, :, None] != i[None, None, :]
+    d = tl.abs(diagonal(g, MP))
+    big = tl.abs(g) * tl.abs(g) > (JACOBI_TOL * d[:, :, None]) * (JACOBI_TOL * d[:, None, :])
+    return tl.max(tl.max(tl.max((off_diag & big).to(tl.int32), 2), 1), 0) > 0
+
+
+@triton.jit
+def non_finite(a):
+    """[BLOCK_B] True where an instance's [BLOCK_B, MP, MP] block holds NaN or Inf."""
+    return tl.max(tl.max((~(tl.abs(a) <= FLT_MAX)).to(tl.int32), 2), 1) > 0
+
+
+@triton.jit
+def canonical_sign(u, i, MP: tl.constexpr):
+    """reference.canonical_sign for columns u [BLOCK_B, MP] (padding entries are 0): the sign of the column sum,
+    or, when that is within SIGN_TOL of 0, of the first entry with |u_m| > SIGN_TOL (+ if none)."""
+    total = tl.sum(u, 1)
+    first_idx = tl.min(tl.where(tl.abs(u) > SIGN_TOL, i[None, :], MP), 1)
+    first = tl.sum(tl.where(i[None, :] == first_idx[:, None], u, 0.0), 1)
+    key = tl.where(tl.abs(total) > SIGN_TOL, total, tl.where(first_idx < MP, first, 1.0))
+    return tl.where(key >= 0.0, 1.0, -1.0)
