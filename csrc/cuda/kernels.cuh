@@ -6,7 +6,9 @@
 // idle; a group never straddles a warp). A group walks D with its lanes on consecutive features (coalesced,
 // 4-element vector loads when every row allows them), accumulates the reductions in registers in the compute
 // type, sums them with warp shuffles, runs the per-instance maths of pmrl/instance.h in every lane (no shared
-// memory, no synchronisation), then walks D once more to write lead or dL/dz. Offsets are 64-bit.
+// memory, no synchronisation), then walks D once more to write lead or dL/dz. An instance whose reductions over-
+// or underflow walks D twice more (its rows' magnitudes, then the reductions of the scaled rows). Offsets are
+// 64-bit.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -72,6 +74,16 @@ __device__ __forceinline__ T group_sum(T v, int group) {
   return v;
 }
 
+// NaN-propagating maximum over the `group` lanes; every lane of the warp must call it.
+template <class T>
+__device__ __forceinline__ T group_max(T v, int group) {
+  for (int offset = group >> 1; offset > 0; offset >>= 1) {
+    const T o = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = o > v || !(o <= Num<T>::max()) ? o : v;
+  }
+  return v;
+}
+
 // Calls f(std::integral_constant<int, V>{}) with V = kVec or 1: one branch for the whole kernel.
 template <class F>
 __device__ __forceinline__ void with_vec(bool vec, F&& f) {
@@ -111,9 +123,33 @@ struct Lanes {
     }
   }
 
-  // out[r * stride + d] = sum_m a[r][m] z_m[d] + e[r] extra[d] for r < R (extra may be null).
+  // The scales r of pmrl/instance.h (row_scales) from the rows' largest magnitudes: the slow path of an instance
+  // whose reductions over- or underflowed. Every lane of the warp must call it.
+  template <int V, class T>
+  __device__ void rescale(bool normalize, T (&r)[M]) const {
+    T amax[M];
+    PMRL_UNROLL
+    for (int m = 0; m < M; ++m) amax[m] = T(0);
+    for_features<V, T>([&](int64_t, const T (&x)[M][V]) {
+      PMRL_UNROLL
+      for (int m = 0; m < M; ++m) {
+        PMRL_UNROLL
+        for (int v = 0; v < V; ++v) {
+          const T a = Num<T>::abs(x[m][v]);
+          amax[m] = a > amax[m] || !(a <= Num<T>::max()) ? a : amax[m];
+        }
+      }
+    });
+    PMRL_UNROLL
+    for (int m = 0; m < M; ++m) amax[m] = group_max(amax[m], group);
+    row_scales<T, M>(amax, normalize, r);
+  }
+
+  // out[r * stride + d] = rout[r] (scale[r] (sum_m a[r][m] (rin[m] z_m[d]) + e[r] extra[d])) for r < R (extra may
+  // be null): the rows scaled by rin as the maths saw them (pmrl/instance.h; 1 on the usual path).
   template <int V, int R, class T, class Out>
-  __device__ __forceinline__ void write_rows(const T (&a)[R][M], const T (&e)[R], const T* extra, Out* out,
+  __device__ __forceinline__ void write_rows(const T (&a)[R][M], const T (&rin)[M], const T (&e)[R],
+                                             const T (&scale)[R], const T (&rout)[R], const T* extra, Out* out,
                                              int64_t stride) const {
     for_features<V, T>([&](int64_t d, const T (&x)[M][V]) {
       T g[V];
@@ -127,7 +163,8 @@ struct Lanes {
         for (int v = 0; v < V; ++v) {
           y[v] = e[r] * g[v];
           PMRL_UNROLL
-          for (int m = 0; m < M; ++m) y[v] += a[r][m] * x[m][v];
+          for (int m = 0; m < M; ++m) y[v] += a[r][m] * (rin[m] * x[m][v]);
+          y[v] = rout[r] * (scale[r] * y[v]);
         }
         store<V>(out + r * stride + d, y);
       }
@@ -158,13 +195,13 @@ inline int group_size(int64_t dim, int vec) {
 }
 
 // Launches kernel_for(Types<In, T>{}, integral_constant M) (a kernel taking (args, group, vec)) for the
-// arguments' dtype and M, one group of lanes per instance; compute_rows are the [B, D] tensors of the compute type
-// the kernel reads or writes (null: none).
-template <class Args, class KernelFor>
+// arguments' dtype and M (in [Lo, Hi]), one group of lanes per instance; compute_rows are the [B, D] tensors of the
+// compute type the kernel reads or writes (null: none).
+template <int Lo, int Hi, class Args, class KernelFor>
 cudaError_t launch_over_instances(const Args& args, std::initializer_list<const void*> compute_rows,
                                   cudaStream_t stream, KernelFor kernel_for) {
   if (args.batch == 0) return cudaSuccess;
-  dispatch_types<__half, __nv_bfloat16>(args.dtype, args.m, [&](auto types, auto mc) {
+  dispatch_types<__half, __nv_bfloat16, Lo, Hi>(args.dtype, args.m, [&](auto types, auto mc) {
     using Ty = decltype(types);
     const bool vec = allow_vec<typename Ty::input, typename Ty::compute>(args.z, args.m, args.dim, compute_rows);
     const int group = group_size(args.dim, vec ? kVec : 1);
@@ -173,5 +210,15 @@ cudaError_t launch_over_instances(const Args& args, std::initializer_list<const 
   });
   return cudaGetLastError();
 }
+
+// The kernels' instantiations are split by M over several .cu files (gram_eig_{forward,backward}_m*.cu), which
+// nvcc compiles in parallel: one (Lo, Hi) range per file. PMRL_M_RANGES(X) calls X(Lo, Hi) for each range; the
+// dispatchers in gram_eig_forward.cu and gram_eig_backward.cu pick the range of args.m.
+#define PMRL_M_RANGES(X) X(2, 4) X(5, 6) X(7, 8) X(9, 10) X(11, 12) X(13, 14) X(15, 15) X(16, 16)
+
+template <int Lo, int Hi>
+cudaError_t gram_eig_forward_in(const ForwardArgs& args, cudaStream_t stream);
+template <int Lo, int Hi>
+cudaError_t gram_eig_backward_in(const BackwardArgs& args, cudaStream_t stream);
 
 }  // namespace pmrl::cuda

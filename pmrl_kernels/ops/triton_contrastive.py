@@ -1,23 +1,38 @@
-"""Triton backend: the contrastive (regulariser) term of PMRL, tiled so memory stays O((B + N) * D).
+"""Triton backend: the contrastive (regulariser) term of PMRL, tiled so memory stays O((B + N) * D)
+(docs/maths.md, "The contrastive term, tiled").
 
-loss_i = logsumexp_j(s_ij) - s_i,offset+i with s_ij = rows_i . cols_j / tau_reg (reference.contrastive).
+loss_i = logsumexp_j(s_ij) - s_i,offset+i with s_ij = rows_i . cols_j / tau_reg (pmrl_kernels.terms.contrastive).
 Forward: each program takes BLOCK_R rows and walks the columns in tiles of BLOCK_C with an online max/sum
 (FlashAttention, Inf-CL); it writes the per-row loss and logsumexp, never the B x N logits. Backward: with
 P_ij = exp(s_ij - lse_i) and dS_ij = g_i (P_ij - [j = offset + i]) / tau_reg,
     d rows = dS cols,  d cols = dS^T rows,
 computed by one kernel launched twice (own rows against column tiles, then own columns against row tiles),
-each recomputing the logits from the saved logsumexp: no atomics, deterministic. A backward program owns
+each recomputing the logits from the saved logsumexp: no atomics, deterministic. When rows and columns are one
+tensor (the loss on one device), the logits are symmetric and one launch computes d rows + d cols =
+(dS + dS^T) lead from one logits tile per pair: 3 GEMM-equivalents forward and backward instead of 5. A backward program owns
 BLOCK_DO (up to MAX_BLOCK_DO) features of its output: its logits are computed once per tile up to that D, and
 once per block of features above it, so the accumulator fits in registers for any D.
 
-All products use tl.dot with input_precision="ieee" (fp32 FMA, no tf32); inputs are float32.
+Products run at the precision torch would use for the same matmul (operand_precision): IEEE fp32 under torch's
+default float32 matmul precision "highest", TF32 tensor cores under "high"/"medium", bf16/fp16 operands with fp32
+accumulation under torch.autocast. Inputs, logsumexp and outputs are float32.
+
+Op module of the contrastive op (pmrl_kernels.backends.ContrastiveModule): is_available, contrastive_unsupported,
+contrastive. float64 input is refused (backend="auto" falls back to the float64 reference).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from ..terms import check_offset
+from .triton_common import interpreting, is_available
+
+__all__ = ["contrastive", "contrastive_unsupported", "is_available"]
 
 # tl.dot needs every dimension >= 16 when compiled (Triton 3.6): small sizes are padded (masked) up to 16.
 # Register use for sm_90 (cuobjdump), 8 warps, no spills: forward 64 x 64 tiles 184; backward 64 x 64 tiles
@@ -30,24 +45,40 @@ LOGITS_BLOCK_D = 16
 # Output features a backward program owns: each program computes the logits of its tiles once, so above this
 # the logits are recomputed once per block of features
 MAX_BLOCK_DO = 512
+_INTERPRETING = tl.constexpr(interpreting())
 
 
 @triton.jit
-def _logits(X, Y, xi, yj, n_x, n_y, D, stride_x, stride_y, inv_tau, BLOCK_D: tl.constexpr):
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b at the precision torch would use for the same matmul (see operand_precision): bf16/fp16
+    operands (fp32 accumulation) under autocast, else fp32 operands as TF32 or IEEE. Triton's interpreter
+    mis-reads 16-bit dots, so there the operands are rounded to 16 bits and multiplied in IEEE fp32: the same
+    products (exact in fp32) and fp32 sums."""
+    if PRECISION == "bf16" or PRECISION == "fp16":
+        half = tl.bfloat16 if PRECISION == "bf16" else tl.float16
+        if _INTERPRETING:
+            return tl.dot(a.to(half).to(tl.float32), b.to(half).to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a.to(half), b.to(half), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _logits(X, Y, xi, yj, n_x, n_y, D, stride_x, stride_y, inv_tau, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """[len(xi), len(yj)] tile of X[xi] . Y[yj] * inv_tau, reduced over D in chunks of BLOCK_D."""
     acc = tl.zeros((xi.shape[0], yj.shape[0]), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         x = tl.load(X + xi[:, None] * stride_x + d[None, :], mask=(xi[:, None] < n_x) & (d[None, :] < D), other=0.0)
         y = tl.load(Y + yj[:, None] * stride_y + d[None, :], mask=(yj[:, None] < n_y) & (d[None, :] < D), other=0.0)
-        acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
+        acc = _dot(x, tl.trans(y), acc, PRECISION)
     return acc * inv_tau
 
 
 @triton.jit
 def _contrastive_fwd_kernel(
     R, C, LOSS, LSE, B, N, D, stride_r, stride_c, inv_tau, offset,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """loss [B] and logsumexp [B] of BLOCK_R rows per program, online over column tiles."""
     i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -57,7 +88,7 @@ def _contrastive_fwd_kernel(
     target_logit = tl.zeros((BLOCK_R,), tl.float32)
     for c0 in range(0, N, BLOCK_C):
         j = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        s = _logits(R, C, i, j, B, N, D, stride_r, stride_c, inv_tau, BLOCK_D)
+        s = _logits(R, C, i, j, B, N, D, stride_r, stride_c, inv_tau, BLOCK_D, PRECISION)
         s = tl.where(j[None, :] < N, s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
@@ -68,35 +99,42 @@ def _contrastive_fwd_kernel(
     tl.store(LOSS + i, lse - target_logit, mask=i < B)
 
 
+# Backward modes: which gradient a program computes.
+ROWS, COLS, SYMMETRIC = 0, 1, 2
+
+
 @triton.jit
 def _contrastive_bwd_kernel(
     X, Y, LSE, G, DX, n_x, n_y, D, stride_x, stride_y, stride_g, inv_tau, offset,
-    X_IS_ROWS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
+    MODE: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """DX[own, features] = sum over Y tiles of dS(own, other) Y[other, features], dS as in the module docstring.
 
-    X_IS_ROWS: X are the rows (own index i, other index j) and DX = d rows; otherwise X are the columns
-    (own index j, other index i) and DX = d cols. logsumexp and upstream gradient are indexed by the row.
+    MODE ROWS: X are the rows (own index i, other index j), DX = d rows. COLS: X are the columns (own index j,
+    other index i), DX = d cols; logsumexp and upstream gradient are indexed by the row. SYMMETRIC: rows and
+    columns are one tensor (offset 0), DX = d rows + d cols = (dS + dS^T) X from one logits tile: the logits are
+    symmetric, so P_ji = exp(s_ij - lse_j).
     """
     xo = tl.program_id(0).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
     do = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    if X_IS_ROWS:
-        lse_x = tl.load(LSE + xo, mask=xo < n_x, other=0.0)
-        g_x = tl.load(G + xo * stride_g, mask=xo < n_x, other=0.0)
+    lse_x = tl.load(LSE + xo, mask=xo < n_x, other=0.0)
+    g_x = tl.load(G + xo * stride_g, mask=xo < n_x, other=0.0)
     acc = tl.zeros((BLOCK_X, BLOCK_DO), tl.float32)
     for y0 in range(0, n_y, BLOCK_Y):
         yo = y0 + tl.arange(0, BLOCK_Y).to(tl.int64)
-        s = _logits(X, Y, xo, yo, n_x, n_y, D, stride_x, stride_y, inv_tau, BLOCK_D)
-        if X_IS_ROWS:
+        s = _logits(X, Y, xo, yo, n_x, n_y, D, stride_x, stride_y, inv_tau, BLOCK_D, PRECISION)
+        if MODE == 0:
             ds = g_x[:, None] * (tl.exp(s - lse_x[:, None]) - (yo[None, :] == offset + xo[:, None]).to(tl.float32))
         else:
             lse_y = tl.load(LSE + yo, mask=yo < n_y, other=0.0)
             g_y = tl.load(G + yo * stride_g, mask=yo < n_y, other=0.0)
             ds = g_y[None, :] * (tl.exp(s - lse_y[None, :]) - (xo[:, None] == offset + yo[None, :]).to(tl.float32))
+            if MODE == 2:
+                ds += g_x[:, None] * (tl.exp(s - lse_x[:, None]) - (yo[None, :] == xo[:, None]).to(tl.float32))
         ds = tl.where((xo[:, None] < n_x) & (yo[None, :] < n_y), ds, 0.0)
         y = tl.load(Y + yo[:, None] * stride_y + do[None, :], mask=(yo[:, None] < n_y) & (do[None, :] < D), other=0.0)
-        acc = tl.dot(ds, y, acc, input_precision="ieee")
+        acc = _dot(ds, y, acc, PRECISION)
     tl.store(DX + xo[:, None] * D + do[None, :], acc * inv_tau, mask=(xo[:, None] < n_x) & (do[None, :] < D))
 
 
@@ -118,55 +156,110 @@ def bwd_config(n_x: int, n_y: int, features: int) -> dict:
                 num_warps=NUM_WARPS)
 
 
-@triton_op("pmrl_triton::contrastive_fwd", mutates_args=())
+PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
+
+
+def operand_precision(device_type: str) -> str:
+    """The precision torch would use for the logits matmul here: "bf16"/"fp16" operands under torch.autocast
+    with that dtype, "tf32" when torch.get_float32_matmul_precision() is "high" or "medium", "ieee" (plain fp32)
+    for "highest", torch's default."""
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype in (torch.bfloat16, torch.float16):
+            return "bf16" if dtype == torch.bfloat16 else "fp16"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+
+
+@triton_op("pmrl_kernels::triton_contrastive_fwd", mutates_args=())
 def contrastive_fwd(
-    rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int
+    rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss [B] and logsumexp [B] (float32); rows [B, D], cols [N, D] float32 with unit feature stride."""
+    _check_precision(precision)
     (batch, features), n_cols = rows.shape, cols.shape[0]
     loss = torch.empty(batch, device=rows.device, dtype=torch.float32)
     lse = torch.empty_like(loss)
     config = fwd_config(batch, n_cols, features)
     wrap_triton(_contrastive_fwd_kernel)[(triton.cdiv(batch, config["BLOCK_R"]),)](
         rows, cols, loss, lse, batch, n_cols, features, rows.stride(0), cols.stride(0), 1.0 / tau_reg, offset,
-        **config,
+        PRECISION=precision, **config,
     )
     return loss, lse
 
 
-@triton_op("pmrl_triton::contrastive_bwd", mutates_args=())
+def _launch_bwd(x, y, lse, grad_loss, dx, tau_reg, offset, mode, precision):
+    n_x, n_y, features = x.shape[0], y.shape[0], x.shape[1]
+    config = bwd_config(n_x, n_y, features)
+    grid = (triton.cdiv(n_x, config["BLOCK_X"]), triton.cdiv(features, config["BLOCK_DO"]))
+    wrap_triton(_contrastive_bwd_kernel)[grid](
+        x, y, lse, grad_loss, dx, n_x, n_y, features, x.stride(0), y.stride(0), grad_loss.stride(0),
+        1.0 / tau_reg, offset, MODE=mode, PRECISION=precision, **config,
+    )
+
+
+@triton_op("pmrl_kernels::triton_contrastive_bwd", mutates_args=())
 def contrastive_bwd(
-    rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, tau_reg: float, offset: int
+    rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, tau_reg: float, offset: int,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d rows [B, D], d cols [N, D]) in float32, given the forward's logsumexp and dL/dloss [B]."""
-    features = rows.shape[1]
+    """(d rows [B, D], d cols [N, D]) in float32, given the forward's logsumexp and dL/dloss [B]: two launches,
+    each recomputing its logits (4 GEMM-equivalents), no atomics."""
+    _check_precision(precision)
     d_rows = torch.empty_like(rows)
     d_cols = torch.empty_like(cols)
-    for x, y, dx, x_is_rows in ((rows, cols, d_rows, True), (cols, rows, d_cols, False)):
-        n_x, n_y = x.shape[0], y.shape[0]
-        config = bwd_config(n_x, n_y, features)
-        grid = (triton.cdiv(n_x, config["BLOCK_X"]), triton.cdiv(features, config["BLOCK_DO"]))
-        wrap_triton(_contrastive_bwd_kernel)[grid](
-            x, y, lse, grad_loss, dx, n_x, n_y, features, x.stride(0), y.stride(0), grad_loss.stride(0),
-            1.0 / tau_reg, offset, X_IS_ROWS=x_is_rows, **config,
-        )
+    _launch_bwd(rows, cols, lse, grad_loss, d_rows, tau_reg, offset, ROWS, precision)
+    _launch_bwd(cols, rows, lse, grad_loss, d_cols, tau_reg, offset, COLS, precision)
     return d_rows, d_cols
+
+
+@triton_op("pmrl_kernels::triton_contrastive_sym_bwd", mutates_args=())
+def contrastive_sym_bwd(
+    lead: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, tau_reg: float, precision: str
+) -> torch.Tensor:
+    """d lead [B, D] in float32 when rows and columns are the same tensor (offset 0): d rows + d cols in one
+    launch from one logits tile per pair (2 GEMM-equivalents), no separate add."""
+    _check_precision(precision)
+    d_lead = torch.empty_like(lead)
+    _launch_bwd(lead, lead, lse, grad_loss, d_lead, tau_reg, 0, SYMMETRIC, precision)
+    return d_lead
 
 
 class _Contrastive(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int):
-        loss, lse = torch.ops.pmrl_triton.contrastive_fwd(rows, cols, tau_reg, offset)
+    def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int, precision: str):
+        loss, lse = torch.ops.pmrl_kernels.triton_contrastive_fwd(rows, cols, tau_reg, offset, precision)
         ctx.save_for_backward(rows, cols, lse)
-        ctx.tau_reg, ctx.offset = tau_reg, offset
+        ctx.tau_reg, ctx.offset, ctx.precision = tau_reg, offset, precision
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         rows, cols, lse = ctx.saved_tensors
-        d_rows, d_cols = torch.ops.pmrl_triton.contrastive_bwd(rows, cols, lse, grad_loss, ctx.tau_reg, ctx.offset)
-        return d_rows, d_cols, None, None
+        d_rows, d_cols = torch.ops.pmrl_kernels.triton_contrastive_bwd(
+            rows, cols, lse, grad_loss, ctx.tau_reg, ctx.offset, ctx.precision
+        )
+        return d_rows, d_cols, None, None, None
+
+
+class _SymmetricContrastive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lead: torch.Tensor, tau_reg: float, precision: str):
+        loss, lse = torch.ops.pmrl_kernels.triton_contrastive_fwd(lead, lead, tau_reg, 0, precision)
+        ctx.save_for_backward(lead, lse)
+        ctx.tau_reg, ctx.precision = tau_reg, precision
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        lead, lse = ctx.saved_tensors
+        return torch.ops.pmrl_kernels.triton_contrastive_sym_bwd(lead, lse, grad_loss, ctx.tau_reg, ctx.precision), None, None
 
 
 def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
@@ -175,10 +268,17 @@ def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive(rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int = 0) -> torch.Tensor:
-    """Per-row InfoNCE [B] (float32) as reference.contrastive, tiled: no B x N matrix in forward or backward."""
-    if not 0 <= offset <= cols.shape[0] - rows.shape[0]:
-        raise ValueError(
-            f"offset must place the {rows.shape[0]} rows' targets among the {cols.shape[0]} columns "
-            f"(0 <= offset <= {cols.shape[0] - rows.shape[0]}), got {offset}"
-        )
-    return _Contrastive.apply(_as_kernel_input(rows), _as_kernel_input(cols), float(tau_reg), int(offset))
+    """Per-row InfoNCE [B] (float32) as terms.contrastive, tiled: no B x N matrix in forward or backward. The
+    products run at the precision torch would use for rows @ cols^T here (operand_precision). When rows and cols
+    are the same tensor (the loss without a gather), its gradient comes from one symmetric backward launch."""
+    check_offset(rows, cols, offset)
+    precision = operand_precision(rows.device.type)
+    if rows is cols and offset == 0:
+        return _SymmetricContrastive.apply(_as_kernel_input(rows), float(tau_reg), precision)
+    return _Contrastive.apply(_as_kernel_input(rows), _as_kernel_input(cols), float(tau_reg), int(offset), precision)
+
+
+def contrastive_unsupported(rows: torch.Tensor, cols: torch.Tensor) -> Optional[str]:
+    if rows.dtype == torch.float64 or cols.dtype == torch.float64:
+        return "the Triton kernels compute in float32; float64 input needs the reference backend"
+    return None

@@ -1,0 +1,272 @@
+"""Static GPU checks, no GPU needed: what the compilers say about the kernels for sm_90.
+
+- CUDA: every csrc/cuda/*.cu file compiled with a bare `nvcc -arch=sm_90 -Xptxas -v` (the sources include no
+  torch header), in parallel; per kernel instantiation the registers, stack frame and spill bytes.
+- Triton: every kernel compiled for sm_90 with the specialisation a real launch gets. The package's own launchers
+  run on CPU tensors with `wrap_triton` replaced by a recorder, so the grid, arguments and constexprs are exactly
+  those of a launch; Triton's binder then specialises them as it would on a GPU (16-byte aligned pointers,
+  integers equal to 1 or divisible by 16). Per kernel: registers and spills (ptxas -v on the PTX) and whether the
+  code uses MMA instructions (wgmma / mma in the PTX).
+
+The contract (checked by `check`, and by tests/test_static_gpu.py): no spill and a stack frame under 512 bytes
+for M <= 8 in every fp32/bf16/fp16 CUDA kernel, no spill in any Triton kernel for M <= 8, and MMA in the
+contrastive kernels under TF32 and bf16.
+
+    python benchmarks/static_check.py [--cuda] [--triton] [--json PATH] [--jobs N]
+
+Exits 1 when a check fails. Runs Triton in a subprocess-free way only when TRITON_INTERPRET is unset.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_CLEAN_M = 8  # up to this M the kernels must keep everything in registers
+MAX_STACK_BYTES = 512
+
+# ------------------------------------------------------------------------------------------------------- CUDA
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_\w+'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _cuda_kernel(mangled: str) -> dict:
+    """direction, dtype and M of a mangled pmrl kernel name (forward_kernelI<In><T>Li<M>E...)."""
+    direction = "forward" if "forward_kernel" in mangled else "backward"
+    dtype = ("bfloat16" if "bfloat16" in mangled else "float16" if "half" in mangled
+             else "float64" if re.search(r"kernelIddLi", mangled) else "float32")
+    m = re.search(r"Li(\d+)E", mangled)
+    return {"direction": direction, "dtype": dtype, "M": int(m.group(1)) if m else None}
+
+
+def parse_ptxas(text: str) -> list[dict]:
+    """One record per entry function of a `ptxas -v` report."""
+    records = []
+    parts = _ENTRY.split(text)
+    for name, body in zip(parts[1::2], parts[2::2]):
+        frame = _FRAME.search(body)
+        regs = _REGS.search(body)
+        stack, stores, loads = map(int, frame.groups()) if frame else (0, 0, 0)
+        records.append(dict(_cuda_kernel(name), kernel=name, registers=int(regs.group(1)) if regs else None,
+                            stack_bytes=stack, spill_stores=stores, spill_loads=loads))
+    return records
+
+
+def _compile_cu(source: Path, out_dir: Path) -> dict:
+    nvcc = shutil.which("nvcc")
+    cmd = [nvcc, "-c", "-std=c++17", "-arch=sm_90", "-O3", "-Xptxas", "-v", f"-I{ROOT / 'csrc' / 'include'}",
+           str(source), "-o", str(out_dir / (source.stem + ".o"))]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    return {"file": source.name, "returncode": result.returncode, "kernels": parse_ptxas(result.stderr),
+            "errors": result.stderr[-3000:] if result.returncode else ""}
+
+
+def cuda_report(jobs: int) -> dict:
+    if shutil.which("nvcc") is None:
+        return {"status": "skipped", "reason": "nvcc not found"}
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        files = list(pool.map(lambda s: _compile_cu(s, Path(tmp)), sources))
+    return {"status": "ok", "files": files}
+
+
+# ----------------------------------------------------------------------------------------------------- Triton
+
+# Representative launches: (what, kwargs). M covers the padded widths 2, 4, 8, 16 and odd sizes in between.
+GRAM_LAUNCHES = [dict(m=m, d=512, dtype=dtype, normalize=normalize)
+                 for m in (2, 3, 4, 5, 8, 9, 16) for dtype in ("float32", "bfloat16")
+                 for normalize in (True, False) if normalize or dtype == "float32"]
+GRAM_LAUNCHES += [dict(m=4, d=512, dtype="float16", normalize=True), dict(m=7, d=129, dtype="float32", normalize=True)]
+CONTRASTIVE_LAUNCHES = [dict(b=4096, d=d, precision=p, same=same)
+                        for p in ("ieee", "tf32", "bf16") for d, same in ((512, True), (128, False))]
+
+
+class _Recorder:
+    """Stands in for torch.library.wrap_triton: records the launch instead of running it."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    recorder.launches.append((kernel, grid, args, kwargs))
+                return launch
+        return _Grid()
+
+
+def _record(module, call) -> list:
+    recorder = _Recorder()
+    original = module.wrap_triton
+    module.wrap_triton = recorder
+    try:
+        call()
+    finally:
+        module.wrap_triton = original
+    return recorder.launches
+
+
+def _gram_launches(spec: dict) -> list:
+    import torch
+
+    from pmrl_kernels.ops import triton_gram
+
+    dtype = getattr(torch, spec["dtype"])
+    b, m, d = 4096, spec["m"], spec["d"]
+    z = torch.randn(b, m, d, dtype=dtype)
+    zs = list(z.unbind(1))
+    s, u = torch.rand(b, m), torch.rand(b, m, m)
+    fwd = _record(triton_gram, lambda: triton_gram.gram_eig_fwd._init_fn(zs, spec["normalize"]))
+    bwd = _record(triton_gram, lambda: triton_gram.gram_eig_bwd._init_fn(
+        zs, s, u, torch.rand(b, m), torch.rand(b, d), spec["normalize"]))
+    return fwd + bwd
+
+
+def _contrastive_launches(spec: dict) -> list:
+    import torch
+
+    from pmrl_kernels.ops import triton_contrastive as tc
+
+    lead = torch.randn(spec["b"], spec["d"])
+    lse, g = torch.randn(spec["b"]), torch.randn(spec["b"])
+    fwd = _record(tc, lambda: tc.contrastive_fwd._init_fn(lead, lead, 0.1, 0, spec["precision"]))
+    if spec["same"]:
+        bwd = _record(tc, lambda: tc.contrastive_sym_bwd._init_fn(lead, lse, g, 0.1, spec["precision"]))
+    else:
+        cols = torch.randn(2 * spec["b"], spec["d"])
+        bwd = _record(tc, lambda: tc.contrastive_bwd._init_fn(lead, cols, lse, g, 0.1, 0, spec["precision"]))
+    return fwd + bwd
+
+
+def _compile_launch(kernel, args, kwargs) -> dict:
+    """Compile one recorded launch for sm_90 as a GPU launch would specialise it; registers, spills, MMA."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    ptx = compiled.asm["ptx"]
+    arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+        result = subprocess.run([ptxas, "-lineinfo", "-v", f"--gpu-name={arch}", str(path), "-o", str(Path(tmp) / "k.cubin")],
+                                capture_output=True, text=True)
+    frame = _FRAME.search(result.stderr)
+    regs = _REGS.search(result.stderr)
+    stack, stores, loads = map(int, frame.groups()) if frame else (None, None, None)
+    return {"registers": int(regs.group(1)) if regs else None, "stack_bytes": stack, "spill_stores": stores,
+            "spill_loads": loads, "mma": bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)", ptx)),
+            "num_warps": options.num_warps}
+
+
+def triton_report() -> dict:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {"status": "skipped", "reason": "TRITON_INTERPRET=1 replaces the compiler in this process"}
+    kernels = []
+    for family, specs, record in (("gram", GRAM_LAUNCHES, _gram_launches),
+                                  ("contrastive", CONTRASTIVE_LAUNCHES, _contrastive_launches)):
+        for spec in specs:
+            for kernel, grid, args, kwargs in record(spec):
+                row = dict(spec, family=family, kernel=kernel.fn.__name__,
+                           mode=kwargs.get("MODE"), grid=list(grid))
+                try:
+                    row.update(_compile_launch(kernel, args, kwargs))
+                except Exception as exc:  # a kernel that does not compile is a finding, not a crash
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                kernels.append(row)
+    return {"status": "ok", "kernels": kernels}
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+
+
+def check(report: dict) -> list[str]:
+    """The contract's violations (empty: all good)."""
+    problems = []
+    cuda = report.get("cuda", {})
+    for f in cuda.get("files", []):
+        if f["returncode"]:
+            problems.append(f"{f['file']} does not compile: {f['errors'][-300:]}")
+        for k in f["kernels"]:
+            if k["dtype"] == "float64" or k["M"] is None or k["M"] > MAX_CLEAN_M:
+                continue
+            if k["spill_stores"] or k["spill_loads"] or k["stack_bytes"] >= MAX_STACK_BYTES:
+                problems.append(f"CUDA {k['direction']} {k['dtype']} M={k['M']}: stack {k['stack_bytes']} B, "
+                                f"spills {k['spill_stores']}/{k['spill_loads']} B")
+    for k in report.get("triton", {}).get("kernels", []):
+        what = f"Triton {k['kernel']} {json.dumps({x: k[x] for x in ('m', 'dtype', 'precision', 'd') if x in k})}"
+        if "error" in k:
+            problems.append(f"{what} does not compile: {k['error'][:300]}")
+            continue
+        if k.get("m", 0) <= MAX_CLEAN_M and (k["spill_stores"] or k["spill_loads"]):
+            problems.append(f"{what}: spills {k['spill_stores']}/{k['spill_loads']} B")
+        if k["family"] == "contrastive" and k.get("precision") in ("tf32", "bf16") and not k["mma"]:
+            problems.append(f"{what}: no MMA instruction")
+    return problems
+
+
+def summary(report: dict) -> dict:
+    """The numbers gpu_check's JSON carries: worst spills for M <= 8 and MMA use, per family."""
+    cuda = [k for f in report.get("cuda", {}).get("files", []) for k in f["kernels"]
+            if k["dtype"] != "float64" and k["M"] is not None and k["M"] <= MAX_CLEAN_M]
+    tri = [k for k in report.get("triton", {}).get("kernels", []) if "error" not in k]
+    return {
+        "cuda_kernels_m_le_8": len(cuda),
+        "cuda_spill_bytes_m_le_8": sum(k["spill_stores"] + k["spill_loads"] for k in cuda),
+        "cuda_max_stack_bytes_m_le_8": max((k["stack_bytes"] for k in cuda), default=None),
+        "triton_kernels": len(tri),
+        "triton_spill_bytes_m_le_8": sum((k["spill_stores"] or 0) + (k["spill_loads"] or 0)
+                                         for k in tri if k.get("m", 0) <= MAX_CLEAN_M),
+        "triton_contrastive_mma": {p: all(k["mma"] for k in tri if k.get("precision") == p)
+                                   for p in ("ieee", "tf32", "bf16")},
+        "problems": check(report),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cuda", action="store_true", help="compile the CUDA sources (default: both parts)")
+    parser.add_argument("--triton", action="store_true", help="compile the Triton kernels (default: both parts)")
+    parser.add_argument("--json", help="write the full report here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc processes")
+    args = parser.parse_args(argv)
+    both = not (args.cuda or args.triton)
+    sys.path.insert(0, str(ROOT))
+    report = {}
+    if args.cuda or both:
+        report["cuda"] = cuda_report(args.jobs)
+    if args.triton or both:
+        report["triton"] = triton_report()
+    report["summary"] = summary(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["summary"], indent=1))
+    return 1 if report["summary"]["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+// gram_eig's kernels for 7 <= M <= 8 (one of the files that split the instantiations, see kernels.cuh).
+#include "gram_eig_forward.cuh"
+
+template cudaError_t pmrl::cuda::gram_eig_forward_in<7, 8>(const pmrl::ForwardArgs&, cudaStream_t);

@@ -1,0 +1,278 @@
+"""benchmarks/gpu_check.{sh,py}, the one-command GPU acceptance run: its dry run on the CPU, and the parts of its
+logic that only the GPU run reaches (error verdicts, combo sampling, sanitizer/ncu/pytest log parsing).
+
+The dry run is skipped under PMRL_GPU_CHECK=1: that is the GPU run itself running the suite."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pmrl_kernels as pk
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = _load()
+
+
+# ----------------------------------------------------------------------------------------------- verdicts
+
+def test_rel_err_and_verdict_flag_a_perturbed_result():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    close = ref.float()  # float32 rounding only
+    wrong = ref * (1 + 1e-2 * torch.randn(ref.shape, generator=g, dtype=torch.float64))
+    assert gc.rel_err(close, ref) < 1e-7
+    assert gc.verdict(gc.rel_err(close, ref), gc.THRESHOLDS["float32"]["S"])["ok"]
+    bad = gc.verdict(gc.rel_err(wrong, ref), gc.THRESHOLDS["float32"]["S"])
+    assert not bad["ok"] and bad["err"] > 1e-3
+    # the reference's own error in the kernel's dtype widens the bound (singular points), but only that far
+    assert gc.verdict(2e-4, 1e-4, baseline=2e-4)["ok"]
+    assert not gc.verdict(5e-4, 1e-4, baseline=2e-4)["ok"]
+
+
+def test_rel_err_non_finite_and_zero():
+    ref = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64)
+    assert gc.rel_err(ref.clone(), ref) == 0.0  # NaN where the reference has NaN is right
+    assert gc.rel_err(torch.tensor([1.0, 0.0, 2.0]), ref) == math.inf
+    assert gc.rel_err(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert gc.rel_err(torch.ones(3), torch.zeros(3)) == math.inf
+    assert gc.rel_err(torch.ones(4), torch.ones(3)) == math.inf
+    assert not gc.verdict(math.inf, 1.0)["ok"]
+
+
+class _WrongBackend:
+    """The public API, except that backend "wrong" returns the reference scaled by 1.001: what the GPU run's
+    correctness step must flag."""
+
+    def gram_svd(self, emb, *, normalize, backend):
+        out = pk.gram_svd(emb, normalize=normalize, backend="reference" if backend == "wrong" else backend)
+        if backend != "wrong":
+            return out
+        return type(out)(out.S * 1.001, out.U, out.lead * 1.001)
+
+    def pmrl_loss(self, emb, *, backend, **kw):
+        loss = pk.pmrl_loss(emb, backend="reference" if backend == "wrong" else backend, **kw)
+        return loss * 1.001 if backend == "wrong" else loss
+
+
+@pytest.mark.parametrize("layout", gc.LAYOUTS)
+def test_compare_case_flags_a_wrong_backend_and_passes_the_reference(layout):
+    x = gc.seeded_randn(torch, (16, 3, 24), 0, "cpu", torch.float32)
+    res = gc.compare_case(torch, _WrongBackend(), x, backend="wrong", layout=layout, normalize=True,
+                          grad_s_top_only=False, seed=0)
+    assert not res["S"]["ok"] and not res["loss"]["ok"] and not res["lead"]["ok"]
+    res = gc.compare_case(torch, pk, x, backend="reference", layout=layout, normalize=True,
+                          grad_s_top_only=False, seed=0)
+    assert all(v["ok"] for v in res.values()), res
+
+
+def test_layouts_hold_the_values_with_the_advertised_strides():
+    x = gc.seeded_randn(torch, (5, 3, 7), 1, "cpu", torch.float32)
+    for layout in gc.LAYOUTS:
+        emb, wrt = gc.make_layout(x, layout)
+        got = torch.stack(emb, 1) if layout == "list" else emb
+        assert torch.equal(got.detach(), x), layout
+        assert all(t.requires_grad and t.is_leaf for t in wrt), layout
+    assert gc.make_layout(x, "offset")[0].storage_offset() == 1
+    assert gc.make_layout(x, "padded")[0].stride() == (3 * (7 + gc.PAD), 7 + gc.PAD, 1)
+    assert gc.make_layout(x, "transposed")[0].stride()[-1] == 5 * 3
+    assert all(t.is_contiguous() for t in gc.make_layout(x, "list")[0])
+
+
+def test_sampled_combos_cover_every_value_and_are_deterministic():
+    for backend in ("cuda", "triton"):
+        combos = gc.sanitize_combos(backend, 12, seed=1234)
+        assert combos == gc.sanitize_combos(backend, 12, seed=1234)
+        assert len(combos) == 12 and len({tuple(sorted(c.items())) for c in combos}) == 12
+        axes = {"dtype": gc.BACKEND_DTYPES[backend], "M": [2, 3, 5, 9, 16], "D": [1, 3, 129, 513],
+                "B": [1, 7, 33], "layout": gc.LAYOUTS, "normalize": [True, False]}
+        for key, values in axes.items():
+            assert {c[key] for c in combos} == set(values), key
+
+
+# ----------------------------------------------------------------------------------------------- log parsers
+
+NCU_CSV = """==PROF== Connected to process 123 (/usr/bin/python3.12)
+==PROF== Profiling "spin_kernel" - 0: 0%....50%....100% - 1 pass
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","123","python3.12","127.0.0.1","spin_kernel","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","0"
+"1","123","python3.12","127.0.0.1","forward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","536,870,912"
+"1","123","python3.12","127.0.0.1","forward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","Mbyte","134.22"
+"1","123","python3.12","127.0.0.1","forward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","190.5"
+"2","123","python3.12","127.0.0.1","spin_kernel","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","0"
+"3","123","python3.12","127.0.0.1","backward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","540000000"
+"3","123","python3.12","127.0.0.1","backward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","byte","536870912"
+"3","123","python3.12","127.0.0.1","backward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","300000"
+==PROF== Disconnected from process 123
+"""
+
+
+def test_ncu_csv_is_parsed_and_attributed_by_the_spin_markers():
+    kernels = gc.parse_ncu_csv(NCU_CSV)
+    assert [k["kernel"] for k in kernels] == ["spin_kernel", "forward_kernel", "spin_kernel", "backward_kernel"]
+    rows = gc.ncu_rows(kernels, [{"backend": "cuda", "pass": "fwd"}, {"backend": "cuda", "pass": "bwd"}],
+                       65536, 4, 512)
+    fwd, bwd = rows
+    assert (fwd["backend"], fwd["pass_"], bwd["pass_"]) == ("cuda", "fwd", "bwd")
+    assert fwd["dram_read_bytes"] == 536870912 and fwd["dram_write_bytes"] == pytest.approx(134.22e6)
+    assert fwd["time_s"] == pytest.approx(190.5e-6)
+    assert fwd["bytes_over_floor"] == pytest.approx((536870912 + 134.22e6) / 536870912)
+    assert bwd["bytes_over_floor"] == pytest.approx((540000000 + 536870912) / (2 * 536870912))
+    assert gc.parse_ncu_csv("==ERROR== no kernels were profiled\n") == []
+
+
+def test_sanitizer_log_counts(tmp_path):
+    log = tmp_path / "memcheck.log"
+    log.write_text("========= COMPUTE-SANITIZER\n"
+                   "========= Invalid __global__ read of size 4 bytes\n"
+                   "=========     at forward_kernel+0x1a0\n"
+                   "========= Program hit cudaErrorInvalidValue (error 1) due to \"invalid argument\" on CUDA API call\n"
+                   "some program output\n"
+                   "========= ERROR SUMMARY: 2 errors\n"
+                   "========= ERROR SUMMARY: 0 errors\n")
+    res = gc.parse_sanitizer_log(str(log))
+    assert res["error_summary"] == 2 and res["summaries_found"] == 2
+    assert res["kernel_error_lines"] == 1 and res["api_error_lines"] == 1
+    assert gc.parse_sanitizer_log(str(tmp_path / "missing.log"))["error_summary"] is None
+
+
+@pytest.mark.parametrize("text,rc,status,counts", [
+    ("....s..\n5 passed, 1 skipped in 3.2s\n", 0, "ok", {"passed": 5, "skipped": 1}),
+    ("..F\nFAILED tests/test_x.py::test_y - AssertionError: no\n1 failed, 2 passed in 1.0s\n", 1, "failed",
+     {"failed": 1, "passed": 2}),
+    ("........s. [ 40%]\n..F", 124, "failed", {"passed": 11, "failed": 1, "errors": 0, "skipped": 1,
+                                               "partial": True}),
+])
+def test_pytest_log_parsing(tmp_path, text, rc, status, counts):
+    log = tmp_path / "pytest.log"
+    log.write_text(text)
+    data = {}
+    got, _ = gc.parse_pytest(tmp_path, {"rc": rc, "seconds": 1.0, "log": str(log)}, data)
+    assert got == status and data["counts"] == counts
+
+
+# ----------------------------------------------------------------------------------------------- the dry run
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PMRL_GPU_CHECK") == "1", reason="inside gpu_check.sh's own GPU run")
+def test_dry_run_records_every_step(tmp_path, static_report):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_CHECK_STATIC_REPORT=static_report["path"])
+    env.pop("GPU_CHECK_TOTAL_S", None)
+    result = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "correctness" in result.stdout and "step" in result.stdout  # summary.txt printed at the end
+
+    files = sorted(p.name for p in out.iterdir())
+    assert set(files) <= set(gc.OUT_FILES) and len(files) <= 8, files  # what comes back from the GPU machine
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dry_run"] is True
+    steps = summary["steps"]
+    for name in gc.STEP_ORDER:
+        assert steps[name]["status"] in ("ok", "failed", "skipped"), (name, steps[name])
+        assert steps[name]["reason"], name
+    for name in ("build", "sanitizer", "ncu"):
+        assert steps[name]["status"] == "skipped" and "no GPU" in steps[name]["reason"], steps[name]
+    for name in ("env", "static", "bandwidth", "correctness", "bench"):
+        assert steps[name]["status"] == "ok", (name, steps[name])
+    # the compilers' report: nothing spills for M <= 8, MMA in the contrastive kernels under TF32 and bf16
+    static = steps["static"]
+    assert static["cuda_spill_bytes_m_le_8"] == 0 and static["triton_spill_bytes_m_le_8"] == 0, static
+    assert static["triton_contrastive_mma"]["tf32"] and static["triton_contrastive_mma"]["bf16"], static
+
+    corr = steps["correctness"]
+    # the dry run sets TRITON_INTERPRET=1, as conftest.py does for this process
+    cpu_backends = [b for b in gc.KERNEL_BACKENDS_CPU if b in pk.available_backends("cpu")]
+    assert cpu_backends and corr["backends"] == cpu_backends
+    for backend in cpu_backends:
+        rows = [r for r in corr["rows"] if r["backend"] == backend and r["status"] != "skipped"]
+        assert rows, f"no correctness rows for {backend}"
+        for r in rows:
+            assert r["status"] == "ok", r
+            for q, v in r["checks"].items():
+                assert v["ok"] and v["err"] <= v["limit"], (backend, r["case"], q, v)
+    assert not [r for r in corr["rows"] if r["status"] == "failed"]
+    large = next(s for s in corr["special"] if s["check"] == "large_bf16")
+    assert large["status"] in ("ok", "skipped"), large
+
+    bench = steps["bench"]["rows"]
+    assert any(r["status"] == "ok" and r["median_ms"] > 0 for r in bench)
+    assert all(r["device"] and r["dtype"] and r["M"] and r["B"] and r["D"] for r in bench)
+    assert json.loads((out / "bench.json").read_text())["direct"] == bench
+    assert (out / "summary.txt").read_text().startswith("gpu_check")
+
+
+def test_summary_of_a_gpu_run_renders_in_60_lines(tmp_path, capsys):
+    """summarize on step records shaped like the GPU run's (what the caller sees is the last ~60 lines)."""
+    steps, out = tmp_path / "steps", tmp_path / "out"
+    steps.mkdir()
+    dev = "NVIDIA H200"
+
+    def save(name, **data):
+        (steps / f"{name}.json").write_text(json.dumps(dict(step=name, seconds=1.0, budget_s=10, **data)))
+
+    save("env", status="ok", reason="H200", device=dev, capability="sm_90", torch="2.11.0+cu130", triton="3.6.0")
+    save("build", status="ok", reason="80 s")
+    save("bandwidth", status="ok", reason="copy 4100 GB/s", copy_gbps=4100.0)
+    save("sanitizer", status="ok", reason="memcheck: 0 errors, 28/28 combos")
+    check = {q: gc.verdict(1e-6, gc.THRESHOLDS["float32"][gc._threshold_key(q)]) for q in gc.QUANTITIES}
+    rows = [dict(backend=be, case=case, dtype=dt, B=4096, M=4, D=512, layout="list", normalize=True, device=dev,
+                 status="ok", checks=check)
+            for be in ("cuda", "triton") for dt in gc.BACKEND_DTYPES[be] for case in ("random", "zero_row")]
+    rows.append(dict(rows[0], status="failed", checks={}, reason="RuntimeError: boom"))
+    rows[-1].pop("checks")
+    special = [dict(check="stream", status="ok", B=4096, M=4, D=512, dtype="float32",
+                    backends={"cuda": {"S": gc.verdict(0.0, 1e-4)}}),
+               dict(check="large_bf16", status="failed", B=2**20 + 3, M=4, D=520, dtype="bfloat16",
+                    instances_checked=219, backends={"cuda": {"S": gc.verdict(1e-7, 1e-4)},
+                                                     "triton": {"error": "RuntimeError: illegal memory access"}})]
+    save("correctness", status="failed", reason="x", device=dev, rows=rows, special=special)
+    bench = []
+    for m in (4, 16):
+        for dt in ("float32", "bfloat16"):
+            for be in ("cuda", "triton"):
+                for mode in ("fwd", "fwd+bwd"):
+                    bench.append(dict(target="gram_svd", mode=mode, provider=be, dtype=dt, M=m, status="ok",
+                                      median_ms=1.5, copy_fraction=0.8, device=dev, B=65536, D=512))
+                for reg in (0.0, 1.0):
+                    bench.append(dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=reg, dtype=dt, M=m,
+                                      status="ok", median_ms=2.5, copy_fraction=0.5, device=dev, B=65536, D=512))
+            for reg in (0.0, 1.0):
+                bench.append(dict(target="loss", mode="fwd+bwd", provider="recipe", reg_weight=reg, dtype=dt, M=m,
+                                  status="skipped", reason="predicted 200.0 s a call from B=256", device=dev,
+                                  B=65536, D=512, predicted_s=200.0, probe_B=256, probe_ms=781.0))
+    save("bench", status="ok", reason="ok", device=dev, B=65536, D=512, copy_gbps=4100.0,
+         backends=["cuda", "triton"], rows=bench)
+    ncu = gc.ncu_rows(gc.parse_ncu_csv(NCU_CSV), [{"backend": "cuda", "pass": "fwd"},
+                                                  {"backend": "cuda", "pass": "bwd"}], 65536, 4, 512)
+    save("ncu", status="ok", reason="2 kernels", device=dev, B=65536, M=4, D=512, dtype="float32", rows=ncu)
+    save("pytest", status="ok", reason="200 passed")
+    save("bench_cli", status="skipped", reason="not enough time left")
+
+    gc.main(["summarize", "--out", str(out), "--steps", str(steps), "--print"])
+    text = capsys.readouterr().out
+    assert text == (out / "summary.txt").read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 60, text
+    for needle in ("NVIDIA H200", "bench on NVIDIA H200", "cuda", "triton", "recipe", "skip ~200s",
+                   "ERROR cuda random", "illegal memory access", "ncu on NVIDIA H200", "forward_kernel"):
+        assert needle in text, needle
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"]["correctness"] == "failed" and summary["status"]["ncu"] == "ok"
+    assert json.loads((out / "bench.json").read_text())["direct"] == bench
