@@ -131,7 +131,7 @@ def non_finite(a):
 
 @triton.jit
 def canonical_sign(u, i, MP: tl.constexpr):
-    """reference.canonical_sign for columns u [BLOCK_B, MP] (padding entries are 0): the sign of the column sum,
+    """terms.canonical_sign for columns u [BLOCK_B, MP] (padding entries are 0): the sign of the column sum,
     or, when that is within SIGN_TOL of 0, of the first entry with |u_m| > SIGN_TOL (+ if none)."""
     total = tl.sum(u, 1)
     first_idx = tl.min(tl.where(tl.abs(u) > SIGN_TOL, i[None, :], MP), 1)
