@@ -268,20 +268,13 @@ def assert_follows(module, protocol):
         )
 
 
-@every_gram_eig_backend
-def test_gram_eig_module_follows_the_protocol(name, device):
-    module = op_module(name, "gram_eig")
-    assert_follows(module, backends.GramEigModule)
+@pytest.mark.parametrize("op, name, device", [
+    pytest.param(op, *p.values, id=f"{op}-{p.id}") for op in backends.OPS for p in backend_params(op)])
+def test_op_module_follows_its_protocol(op, name, device):
+    module = op_module(name, op)
+    assert_follows(module, backends.OP_PROTOCOLS[op])
     assert module.is_available(device)
-    assert backends.implementations("gram_eig", device)[name] is module.gram_eig
-
-
-@every_contrastive_backend
-def test_contrastive_module_follows_the_protocol(name, device):
-    module = op_module(name, "contrastive")
-    assert_follows(module, backends.ContrastiveModule)
-    assert module.is_available(device)
-    assert backends.implementations("contrastive", device)[name] is module.contrastive
+    assert backends.implementations(op, device)[name] is vars(module)[op]
 
 
 def test_every_registered_module_follows_its_protocol():
