@@ -30,11 +30,10 @@ def gram_eig_autograd(forward: Forward, backward: Backward) -> Callable:
         return s, u, lead
 
     def gradient(ctx, grad_s, grad_lead, as_rows):
-        *inputs, s, u, lead = ctx.saved_tensors
-        zs = as_rows(inputs)
         if grad_s is None and grad_lead is None:
             return None
-        return backward(zs, s, u, lead, grad_s, grad_lead, ctx.normalize)
+        *inputs, s, u, lead = ctx.saved_tensors
+        return backward(as_rows(inputs), s, u, lead, grad_s, grad_lead, ctx.normalize)
 
     class GramEigRows(torch.autograd.Function):
         @staticmethod
