@@ -83,9 +83,8 @@ TERMS = (
 )
 
 
-def _pmrl(embeddings: Embeddings, config: PMRLConfig, gather: Optional[Gather] = None) -> dict[str, torch.Tensor]:
-    """Per-instance {"loss", *term names} [B] of the embeddings under a checked config."""
-    zs, arg = _rows(embeddings)
+def _pmrl(zs: list[torch.Tensor], arg, config: PMRLConfig, gather: Optional[Gather] = None) -> dict[str, torch.Tensor]:
+    """Per-instance {"loss", *term names} [B] of checked rows (zs, arg: see _rows) under a checked config."""
     s, _, lead = backends.resolve("gram_eig", config.backend, (zs,))(arg, config.normalize)
     spec = Spectrum(s, lead)
     parts = {}
@@ -128,7 +127,7 @@ def pmrl_loss(
     >>> pmrl_loss(z).backward()
     """
     config = PMRLConfig(tau, tau_reg, reg_weight, normalize, reduction, backend)
-    return _reduced(_pmrl(embeddings, config), config.reduction, flag(output_dict, "output_dict"))
+    return _reduced(_pmrl(*_rows(embeddings), config), config.reduction, flag(output_dict, "output_dict"))
 
 
 class PMRLLoss(nn.Module):
@@ -168,11 +167,11 @@ class PMRLLoss(nn.Module):
 
     def forward(self, embeddings: Embeddings, output_dict: bool = False):
         output_dict = flag(output_dict, "output_dict")
-        if not self.gather_with_grad:
-            return _reduced(_pmrl(embeddings, self.config), self.config.reduction, output_dict)
         zs, arg = _rows(embeddings)
+        if not self.gather_with_grad:
+            return _reduced(_pmrl(zs, arg, self.config), self.config.reduction, output_dict)
         gather = distributed.RowGather(zs[0].shape[0], zs[0].device)
         # per-row values, so the reduction can be scaled by the global batch size
-        parts = _pmrl(arg, self.config, gather)
+        parts = _pmrl(zs, arg, self.config, gather)
         parts = {k: gather.reduce(v, self.config.reduction) for k, v in parts.items()}
         return parts if output_dict else parts["loss"]
