@@ -178,9 +178,10 @@ def compiled_extension():
     """pmrl_kernels._C: skip without it, or fail where CI requires it (PMRL_REQUIRE_EXTENSION=1)."""
     from pmrl_kernels.ops import extension
 
-    if extension._C is None:
-        message = f"pmrl_kernels._C is not built: {extension.IMPORT_ERROR}"
+    module = extension.load()
+    if module is None:
+        message = f"the C++ extension is unavailable: {extension.load_error()}"
         if os.environ.get("PMRL_REQUIRE_EXTENSION") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    return extension._C
+    return module

@@ -33,7 +33,7 @@ def test_registered_where_built():
     """The registry offers "cpp" on CPU tensors, and "cuda" exactly where the build has CUDA and a GPU is here."""
     assert backends.implementations("gram_eig", "cpu")["cpp"] is extension.gram_eig
     assert ("cuda" in backends.implementations("gram_eig", "cuda")) == (
-        extension._C.with_cuda and torch.cuda.is_available())
+        extension.load().with_cuda and torch.cuda.is_available())
     assert "cpp" not in backends.implementations("gram_eig", "cuda")
     assert "cuda" not in backends.implementations("gram_eig", "cpu")
     assert "contrastive" not in backends.REGISTRY["cpp"].ops  # the loss's contrastive op resolves as under "auto"
