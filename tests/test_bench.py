@@ -4,18 +4,21 @@ import csv
 import dataclasses
 import io
 import json
+import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from pmrl_kernels import backends, terms
-from pmrl_kernels.bench import cli, providers, report, sweep, targets
+from pmrl_kernels.bench import cli, machine, providers, report, summary, sweep, targets
 from pmrl_kernels.bench.cells import MODES
 
-TINY = ["--device", "cpu", "--quick", "--sizes", "B=16,32;M=3;D=8", "--repeats", "2", "--no-progress"]
+TINY = ["--device", "cpu", "--quick", "--sizes", "B=16,32;M=3;D=8", "--repeats", "2", "--no-progress", "--no-save"]
 BASE = ["--providers", "recipe,svd,svdvals,torch,reference"]  # kernel backends: one cell each, below
 
 
@@ -71,8 +74,8 @@ def test_every_kernel_backend_is_picked_up(tmp_path):
     """Each backend available here runs through the bench (Triton under its interpreter is slow: one cell)."""
     here = backends.available_backends("cpu")
     path = tmp_path / "rows.json"
-    argv = ["--device", "cpu", "--quick", "--sizes", "B=16;M=3;D=8", "--repeats", "1", "--no-progress",
-            "--targets", "align,contrastive", "--modes", "full", "--json", str(path)]
+    argv = ["--device", "cpu", "--quick", "--sizes", "B=16;M=3;D=8", "--repeats", "1", "--no-progress", "--no-save",
+            "--targets", "align,contrastive", "--modes", "full", "--time-limit", "60", "--json", str(path)]
     assert cli.main(argv) == 0
     rows = json.loads(path.read_text())
     assert [(r["provider"], r["state"]) for r in rows if r["state"] != "ok"] == []
@@ -162,7 +165,7 @@ def test_a_new_target_is_one_record_in_the_table(monkeypatch, tmp_path):
     assert "lead_dir" in cli._parser().parse_args([]).targets.split(",")
 
     path = tmp_path / "rows.json"
-    argv = ["--device", "cpu", "--quick", "--sizes", "B=16;M=3;D=8", "--repeats", "1", "--no-progress",
+    argv = ["--device", "cpu", "--quick", "--sizes", "B=16;M=3;D=8", "--repeats", "1", "--no-progress", "--no-save",
             "--targets", "lead_dir", "--modes", "full", "--providers", ",".join(names), "--json", str(path)]
     assert cli.main(argv) == 0
     rows = json.loads(path.read_text())
@@ -172,3 +175,95 @@ def test_a_new_target_is_one_record_in_the_table(monkeypatch, tmp_path):
     assert all(r["speedup_vs_recipe"] is None for r in rows)
     assert cli.main(argv + ["--mem-budget", "1e-9"]) == 0  # its byte model decides the memory skip
     assert {r["state"] for r in json.loads(path.read_text())} == {"OOM-skip"}
+
+
+def test_default_run_saves_every_file_in_a_folder_it_names(monkeypatch, tmp_path, capsys):
+    """Without --no-save a run writes rows.json, rows.csv, plot.png and report.txt into a new folder named after
+    the device and the time, and says where; report.txt is what it printed."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--device", "cpu", "--quick", "--sizes", "B=16,32;M=3;D=8", "--repeats", "1", "--no-progress",
+            "--targets", "align", "--modes", "full", "--providers", "torch,reference"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    (folder,) = (tmp_path / cli.RESULTS_ROOT).iterdir()
+    assert folder.name.startswith(re.sub(r"[^a-z0-9]+", "-", machine.device_name(torch.device("cpu")).lower())
+                                  .strip("-"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(cli.FILES.values())
+    assert f"into {Path(cli.RESULTS_ROOT) / folder.name}{os.sep}." in printed
+    rows = json.loads((folder / "rows.json").read_text())
+    assert len(rows) == 4 and all(r["state"] == "ok" for r in rows)
+    assert (folder / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report_text = (folder / "report.txt").read_text()
+    assert report_text.strip() in printed and "Headline:" in report_text and "Providers:" in report_text
+
+
+def test_results_folder_name():
+    when = time.strptime("2026-11-30 14:15:02", "%Y-%m-%d %H:%M:%S")
+    assert cli.results_folder("AMD EPYC 7B13 (2 CPUs)", when) == Path(
+        cli.RESULTS_ROOT, "amd-epyc-7b13-2-cpus-20261130-141502")
+
+
+def test_legend_explains_every_provider_and_column(run):
+    rows, _, printed, _ = run
+    text = summary.legend(sorted({r["provider"] for r in rows}))
+    for provider in {r["provider"] for r in rows}:
+        assert re.search(rf"^  {provider} +\S", text, re.M), provider
+    header = next(line for line in report.table(rows).splitlines() if line.startswith("target"))
+    for column in ("median ms", "p20-p80 ms", "peak MB", "x recipe", "x svd", "x torch", "GB/s", "%copy", "state"):
+        assert column in header and column in text, column
+    assert text in printed
+
+
+def _row(target, provider, b, state="ok", ms=None):
+    return {"target": target, "mode": "full", "provider": provider, "dtype": "float32", "B": b, "M": 4, "D": 64,
+            "state": state, "median_ms": ms}
+
+
+def test_headline_reads_the_largest_size_where_both_ran():
+    rows = [
+        _row("loss", "cpp", 256, ms=2.0), _row("loss", "recipe", 256, ms=10.0),
+        _row("loss", "cpp", 1024, ms=4.0), _row("loss", "recipe", 1024, "timeout"),
+        _row("loss", "svd", 256, "timeout"), _row("loss", "svd", 1024, "timeout-skip"),
+        _row("loss", "torch", 256, ms=1.0), _row("loss", "torch", 1024, ms=3.0),
+        _row("loss", "reference", 1024, ms=6.0),
+        _row("align", "reference", 256, ms=8.0), _row("align", "recipe", 256, ms=16.0),
+        _row("gram_svd", "cpp", 256, ms=1.0), _row("gram_svd", "torch", 256, ms=1.02),
+    ]
+    text = " ".join(summary.headline(rows).split())  # unwrapped
+    assert "float32, M=4, D=64" in text
+    assert "the whole loss: 5.0x faster than the published recipe (B=256, cpp)" in text
+    assert "torch.linalg.svd did not finish a call within the time limit at any size" in text
+    assert "1.3x slower than the best torch composition (B=1024, cpp)" in text  # cpp, the faster backend at 1024
+    assert "the alignment term: 2.0x faster than the published recipe (B=256, reference)" in text
+    assert "the best torch composition was not measured" in text
+    assert "gram_svd: the published recipe was not measured" in text
+    assert "about as fast as the best torch composition (B=256, cpp)" in text  # within 5%
+    no_backend = [r for r in rows if r["provider"] not in ("cpp", "reference")]
+    assert "no backend of this package ran" in summary.headline(no_backend)
+
+
+def test_every_note_is_a_sentence(tmp_path):
+    path = tmp_path / "rows.json"
+    argv = TINY + ["--targets", "align", "--providers", "recipe,torch", "--json", str(path)]
+    notes = []
+    for extra in (["--mem-budget", "1e-9"], ["--time-limit", "1e-9", "--modes", "forward"]):
+        assert cli.main(argv + extra) == 0
+        notes += [r["note"] for r in json.loads(path.read_text())]
+    assert notes and all(n[0].isupper() and n.endswith(".") and "-skip" not in n for n in notes), notes
+
+
+def test_every_option_has_help():
+    for action in cli._parser()._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+
+
+def test_console_entry_point_is_the_module_main():
+    """pyproject declares `pmrl-bench` as pmrl_kernels.bench.cli:main; where the install put it on PATH, it runs."""
+    text = (Path(cli.__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert re.search(r'^pmrl-bench = "pmrl_kernels\.bench\.cli:main"$', text, re.M)
+    script = Path(sys.executable).parent / "pmrl-bench"
+    if not script.exists():
+        pytest.skip("pmrl-bench is not installed next to this Python (package not installed with pip)")
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: pmrl-bench" in done.stdout

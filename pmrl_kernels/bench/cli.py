@@ -5,8 +5,10 @@ import argparse
 import importlib.util
 import itertools
 import json
-import sys
+import os
+import re
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -16,14 +18,15 @@ from . import targets
 from .cells import DTYPE_ALIASES, DTYPES, MODES
 from .machine import metadata
 from .providers import BASE_PROVIDERS, provides
-from .report import FIELDS, emit, finish_rows
+from . import summary
+from .report import FIELDS, finish_rows, table, write_files
 from .sweep import build_cases, memory_budget, run, warn_if_loaded
 from .timing import Timer
 
-# (dtype, B, M, D) points. The B sweep is what --plot draws; the side points vary M, D and dtype one at a time.
-# CPU: about 2 minutes on 2 idle cores. CUDA: fills an H100 (Z is 512 MiB at B=65536, D=512, fp32).
-# Both hold the issue-3 reference case B=16384, M=4, D=256, float32.
-DEFAULT_GRID = {
+# (dtype, B, M, D) points. The B sweep is what the plot draws and the headline reads; the side points vary M, D and
+# dtype one at a time. --full on CPU: about 3 to 5 minutes on 2 idle cores. CUDA: fills an H100 (Z is 512 MiB at
+# B=65536, D=512, fp32). Both hold the reference case B=16384, M=4, D=256, float32.
+FULL_GRID = {
     "cpu": [("float32", b, 4, 256) for b in (256, 1024, 4096, 16384)]
     + [("float32", 1024, m, 256) for m in (2, 8)]
     + [("float32", 1024, 4, d) for d in (64, 512)]
@@ -33,7 +36,14 @@ DEFAULT_GRID = {
     + [("float32", 16384, m, 512) for m in (2, 8, 16)]
     + [("float32", 16384, 4, d) for d in (128, 2048)],
 }
+# the default run: the B sweep and one bfloat16 point on CPU, within about 3 minutes on 2 idle cores
+DEFAULT_GRID = {
+    "cpu": [("float32", b, 4, 256) for b in (256, 1024, 4096, 16384)] + [("bfloat16", 1024, 4, 256)],
+    "cuda": FULL_GRID["cuda"],
+}
 QUICK_GRID = [("float32", b, 4, 64) for b in (256, 1024)]
+RESULTS_ROOT = "pmrl-bench-results"  # the default run writes into RESULTS_ROOT/<device>-<time>/
+FILES = {"json": "rows.json", "csv": "rows.csv", "plot": "plot.png", "text": "report.txt"}
 TIME_LIMIT_S = 1.0  # per call; slower cells are reported as timeouts and larger B is not tried
 
 
@@ -64,10 +74,13 @@ def parse_sizes(text: str, defaults: dict) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pmrl_kernels.bench",
-        description="Time and memory of the PMRL loss: kernel backends vs the published recipe and torch.",
-        epilog='example: python -m pmrl_kernels.bench --sizes "B=1024,4096;M=4;D=256" --targets align,gram_svd '
-               "--modes full --json cpu.json --csv cpu.csv --plot cpu.png",
+        prog="pmrl-bench",
+        description="Time and memory of the PMRL loss: this package's backends against the published recipe, "
+                    "torch.linalg.svd and the best torch composition, side by side in one run. The default run "
+                    "takes about 3 minutes on 2 CPU cores and writes its table, JSON, CSV and plot into "
+                    f"{RESULTS_ROOT}/<device>-<time>/. Same as `python -m pmrl_kernels.bench`.",
+        epilog='example: pmrl-bench --sizes "B=1024,4096;M=4;D=256" --targets align,gram_svd --modes full '
+               "--out my-results",
     )
     p.add_argument("--sizes", help='grid "B=..;M=..;D=.." (comma lists; a missing key keeps the default sweep\'s B '
                                    "values or M=4, D=256 on CPU / D=512 on CUDA)")
@@ -80,21 +93,29 @@ def _parser() -> argparse.ArgumentParser:
                                    "(default: the sweep's own; float32 with --sizes)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="a few small sizes, 3 timed calls: a smoke run")
+    p.add_argument("--full", action="store_true", help="the full sweep: more B, M, D and dtypes (on 2 CPU cores about "
+                                                       "5 minutes; more with --time-limit 2)")
     p.add_argument("--repeats", type=int, help="timed calls per cell at most (default 10 CPU, 25 CUDA; 3 quick)")
     p.add_argument("--time-limit", type=float, default=TIME_LIMIT_S, help="seconds a call may take (default 1)")
     p.add_argument("--mem-budget", type=float, help="GiB a cell may use (default: a third of free RAM on CPU, "
                                                    "90%% of free GPU memory)")
-    p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
-    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG of time vs B (needs matplotlib: the bench extra)")
-    p.add_argument("--load", metavar="PATH", help="measure nothing: read the rows of an earlier --json run")
+    p.add_argument("--out", metavar="DIR", help=f"folder for {', '.join(FILES.values())} (default: a new folder "
+                                                "named after the device and the time under ./" + RESULTS_ROOT + ")")
+    p.add_argument("--no-save", action="store_true", help="write no files, only print (explicit paths below "
+                                                          "are still written)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list here")
+    p.add_argument("--csv", metavar="PATH", help="also write the rows as CSV here")
+    p.add_argument("--plot", metavar="PATH", help="also write a PNG of time vs B here (needs matplotlib: the "
+                                                  "bench extra)")
+    p.add_argument("--load", metavar="PATH", help="measure nothing: print (and write where asked) the rows of an "
+                                                  "earlier run's JSON")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def _grid(args, parser, device_type: str) -> list[tuple]:
-    default = QUICK_GRID if args.quick else DEFAULT_GRID[device_type]
+    default = QUICK_GRID if args.quick else (FULL_GRID if args.full else DEFAULT_GRID)[device_type]
     dtypes = None
     if args.dtype:
         known = list(DTYPES) + list(DTYPE_ALIASES)
@@ -124,8 +145,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"--load: cannot read {args.load}: {err}")
         if not isinstance(rows, list) or not all(isinstance(r, dict) and set(FIELDS) <= set(r) for r in rows):
             parser.error(f"--load: {args.load} is not the --json output of this bench")
-        emit(rows, args.json, args.csv, args.plot)
+        _finish(args, rows, None, save_by_default=False)
         return 0
+    if args.quick and args.full:
+        parser.error("--quick and --full exclude each other: choose one")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -166,7 +189,41 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     rows = run(cases, device, timer, repeats=repeats, time_limit=args.time_limit,
                budget_bytes=memory_budget(device, args.mem_budget), progress=not args.no_progress)
-    emit(finish_rows(rows, meta), args.json, args.csv, args.plot)
-    print(f"\n{len(rows)} cells in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    _finish(args, finish_rows(rows, meta), time.perf_counter() - t0, save_by_default=True)
     return 0
+
+
+def results_folder(device: str, when: Optional[time.struct_time] = None) -> Path:
+    """RESULTS_ROOT/<device>-<time>: "AMD EPYC 7B13 (2 CPUs)" -> amd-epyc-7b13-2-cpus-20261130-141502."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
+    return Path(RESULTS_ROOT) / f"{slug}-{time.strftime('%Y%m%d-%H%M%S', when or time.localtime())}"
+
+
+def _finish(args, rows: list[dict], seconds: Optional[float], save_by_default: bool) -> None:
+    """Print the table, the legend, the outcome and the headline; write the files; say where they went."""
+    parts = [table(rows), summary.legend(list(dict.fromkeys(r["provider"] for r in rows)))]
+    if seconds is not None:
+        parts.append(summary.outcome(rows, seconds))
+    parts.append(summary.headline(rows))
+    text = "\n\n".join(parts)
+    print(text)
+    paths = {kind: getattr(args, kind) for kind in ("json", "csv", "plot") if getattr(args, kind)}
+    if not args.no_save and (args.out or save_by_default):
+        folder = Path(args.out) if args.out else results_folder(rows[0]["device"] if rows else "device")
+        folder.mkdir(parents=True, exist_ok=True)
+        for kind, name in FILES.items():
+            if kind == "plot" and importlib.util.find_spec("matplotlib") is None:
+                print("\nNo plot was drawn: matplotlib is not installed (pip install 'pmrl_kernels[bench]').")
+                continue
+            paths.setdefault(kind, str(folder / name))
+    if "plot" in paths and not any(r["state"] == "ok" for r in rows):
+        print("\nNo plot was drawn: no cell was measured.")
+        del paths["plot"]
+    written = [Path(p) for p in write_files(rows, text, paths)]
+    by_folder = {}
+    for path in written:
+        by_folder.setdefault(path.parent, []).append(path.name)
+    for folder, names in by_folder.items():
+        print(f"\nWrote {', '.join(names)} into {folder}{os.sep}.")
+
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-from typing import Optional
+from pathlib import Path
 
 from . import targets
 from .cells import MODES, Case
@@ -65,7 +65,7 @@ def table(rows: list[dict]) -> str:
             lines += ["", f"{r['dtype']}  B={r['B']}  M={r['M']}  D={r['D']}", head]
         spread = "-" if r["p20_ms"] is None else f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"
         frac = None if r["copy_fraction"] is None else 100 * r["copy_fraction"]
-        state = r["state"] if not r["note"] else f"{r['state']}: {r['note']}"
+        state = r["note"] or r["state"]  # a sentence that names the state
         lines.append(
             f"{r['target']:<12}{r['mode']:<9}{r['provider']:<10}{_fmt(r['median_ms'], '.4g'):>11}{spread:>20}"
             f"{_fmt(r['peak_mem_mb'], '.3g'):>10}{_fmt(r['speedup_vs_recipe'], '.2f'):>10}"
@@ -129,14 +129,14 @@ def plot(rows: list[dict], path: str):
     plt.close(fig)
 
 
-def emit(rows: list[dict], json_path: Optional[str] = None, csv_path: Optional[str] = None,
-         plot_path: Optional[str] = None):
-    """Print the table and write the files asked for."""
-    print(table(rows))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(rows, f, indent=1)
-    if csv_path:
-        write_csv(rows, csv_path)
-    if plot_path:
-        plot(rows, plot_path)
+def write_files(rows: list[dict], text: str, paths: dict[str, str]) -> list[str]:
+    """Write each of {"json", "csv", "plot", "text"} that has a path; return the paths written."""
+    writers = {
+        "json": lambda path: Path(path).write_text(json.dumps(rows, indent=1)),
+        "csv": lambda path: write_csv(rows, path),
+        "plot": lambda path: plot(rows, path),
+        "text": lambda path: Path(path).write_text(text + "\n"),
+    }
+    for kind, path in paths.items():
+        writers[kind](path)
+    return list(paths.values())

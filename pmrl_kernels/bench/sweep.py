@@ -17,6 +17,11 @@ from .cells import Case, Skip, callables, make_inputs
 from .timing import Timer, measure
 
 
+# a series that hit one of these at some B is not run at larger B (the note says which B)
+LIMITS = {"OOM": "ran out of memory", "OOM-skip": "would run out of memory", "timeout": "timed out",
+          "timeout-skip": "would time out"}
+
+
 def build_cases(grid, target_names, modes, provider_names, device_type: str) -> list[Case]:
     """Cases in the order they run: the grid's (dtype, M, D) series in the order given, each by ascending B
     (timeouts and OOM at small B rule out larger B), then every provider of one (size, target, mode) side by side."""
@@ -36,9 +41,10 @@ def prepare(case: Case, inputs: dict, budget_bytes: int):
     target = targets.TARGETS[case.target]
     plan = providers.plan(target, case, inputs)
     if plan.need_bytes > budget_bytes:
-        raise Skip("OOM-skip", f"needs >= {plan.need_bytes / 2**30:.1f} GiB, budget {budget_bytes / 2**30:.1f} GiB")
+        raise Skip("OOM-skip", f"Not run: it needs at least {plan.need_bytes / 2**30:.2g} GiB, over the "
+                               f"{budget_bytes / 2**30:.2g} GiB budget.")
     if plan.refusal is not None:
-        raise Skip("skip", plan.refusal)
+        raise Skip("skip", f"Not run: {plan.refusal.rstrip('.')}.")
     return callables(plan.forward, inputs[target.takes], case.mode)
 
 
@@ -63,8 +69,8 @@ def _proc_meminfo_available() -> int:
 def warn_if_loaded(device: torch.device, load_avg: float) -> None:
     if device.type == "cpu" and load_avg > 0.5 * (os.cpu_count() or 1):
         # other work on the cores preempts torch's OpenMP threads: times grow erratically, up to 100x
-        print(f"warning: load average {load_avg:.1f} on {os.cpu_count()} CPUs: CPU timings will be noisy",
-              file=sys.stderr)
+        print(f"Warning: the load average is {load_avg:.1f} on {os.cpu_count()} CPUs, so the CPU timings will be "
+              "noisy.", file=sys.stderr)
 
 
 class Progress:
@@ -102,7 +108,7 @@ def run(cases: list[Case], device: torch.device, timer: Timer, *, repeats: int,
         time_limit: float, budget_bytes: int, progress: bool = True) -> list[dict]:
     """One row per case. A timeout or OOM at some B marks the same cell at larger B, and so does a time
     predicted over the limit (scaled by B to the target's batch power)."""
-    rows, inputs, inputs_key, history = [], None, None, {}
+    rows, inputs, inputs_key, history = [], None, None, {}  # history: the series' last cell that ran or failed
     bar = Progress(len(cases), progress)
     for case in cases:
         bar.start(f"{case.target} {case.mode} {case.provider} {case.dtype} B={case.B} M={case.M} D={case.D}")
@@ -111,21 +117,25 @@ def run(cases: list[Case], device: torch.device, timer: Timer, *, repeats: int,
             inputs, inputs_key = None, size_key  # free the previous size first
             inputs = make_inputs(*size_key, device=device)
         series = (case.target, case.provider, case.mode, case.dtype, case.M, case.D)
+        previous = history.get(series)
+        inherited = previous is not None and previous["state"] in LIMITS
         try:
-            previous = history.get(series)
-            if previous is not None and previous["state"] in ("OOM", "OOM-skip", "timeout", "timeout-skip"):
-                raise Skip(previous["state"].split("-")[0] + "-skip", f"{previous['state']} at B={previous['B']}")
+            if inherited:
+                raise Skip(previous["state"].split("-")[0] + "-skip", f"Not run: it {LIMITS[previous['state']]} at "
+                                                        f"B={previous['B']}.")
             if previous is not None and previous["state"] == "ok":
                 power = targets.TARGETS[case.target].batch_power
                 predicted = previous["median_ms"] / 1e3 * (case.B / previous["B"]) ** power
                 if predicted > time_limit:
-                    raise Skip("timeout-skip", f"predicted >= {predicted:.1f} s a call from B={previous['B']}")
+                    raise Skip("timeout-skip", f"Not run: B={previous['B']} predicts {predicted:.2g} s a call "
+                                               f"here, over the {time_limit:g} s limit.")
             setup, fn = prepare(case, inputs, budget_bytes)
             result = measure(setup, fn, timer, repeats, time_limit)
         except Skip as skip:
             result = {"state": skip.args[0], "note": skip.args[1]}
         row = {**asdict(case), **result}
-        history[series] = row
+        if not inherited:
+            history[series] = row
         rows.append(row)
         bar.step()
     bar.close()

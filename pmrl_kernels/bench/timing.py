@@ -150,13 +150,14 @@ def measure(setup, fn, timer: Timer, repeats: int, time_limit: float) -> dict:
             timer.once(setup, fn)  # cold: JIT compilation, autotuning, library handles, allocator growth
         seconds, peak = timer.once(setup, fn)  # on CPU this is the warm-up: nothing there compiles on first use
         if seconds > time_limit:
-            return {"state": "timeout", "note": f"one call took {seconds:.2f} s > {time_limit:g} s"}
+            return {"state": "timeout", "note": f"Timed out: one call took {seconds:.2g} s, over the {time_limit:g} s "
+                                                "limit."}
         calls = max(min(3, repeats), min(repeats, int(CELL_BUDGET_S / max(seconds, 1e-9))))
         median, p20, p80 = quantiles(timer.repeat(setup, fn, calls))
     except Exception as err:  # noqa: BLE001 -- one failing provider must not stop the sweep
-        first_line = str(err).splitlines()[0][:200] if str(err) else ""
-        failure = {"state": "OOM", "note": first_line} if _is_oom(err) else {
-            "state": "error", "note": f"{type(err).__name__}: {first_line}"}
+        first_line = str(err).splitlines()[0][:200].rstrip(".") if str(err) else type(err).__name__
+        failure = {"state": "OOM", "note": f"Out of memory: {first_line}."} if _is_oom(err) else {
+            "state": "error", "note": f"Failed with {type(err).__name__}: {first_line}."}
     else:
         return {
             "state": "ok", "median_ms": median * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3, "calls": calls,

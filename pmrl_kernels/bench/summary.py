@@ -1,0 +1,96 @@
+"""What a run prints after its table: the legend of providers and columns, a count of the cells by outcome, and
+the headline, the package's speed-ups over each baseline at the largest size where both ran."""
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+
+from .. import backends
+from .providers import BASELINES
+
+BASELINE_NAMES = {
+    "recipe": "the published recipe",
+    "svd": "torch.linalg.svd",
+    "svdvals": "torch.linalg.svdvals",
+    "torch": "the best torch composition",
+}
+PROVIDER_LEGEND = {
+    "recipe": "the published PMRL code: torch.linalg.svd(full_matrices=True) of every instance, with autograd",
+    "svd": "torch.linalg.svd(full_matrices=False), the reduced SVD, with autograd",
+    "svdvals": "torch.linalg.svdvals, singular values only (so the alignment term only), with autograd",
+    "torch": "the best torch composition: the Gram matrix by bmm and torch.linalg.eigh, with autograd",
+    "reference": "this package's pure-PyTorch backend, the float64 oracle and the fallback",
+    "cpp": "this package's C++ kernels (CPU), with their hand-written backward",
+    "cuda": "this package's CUDA kernels, with their hand-written backward",
+    "triton": "this package's Triton kernels (on the CPU through Triton's interpreter: a correctness path only)",
+}
+LEGEND = """Providers:
+{providers}
+Targets: loss is the whole PMRL loss (alignment + contrastive term), align the alignment term alone, gram_svd the
+  singular values and leading directions, contrastive the contrastive term on given leading directions.
+Modes: forward; backward (the backward alone, after an untimed forward); full (forward and backward).
+Columns:
+  median ms, p20-p80 ms  the median time of a call and its 20% and 80% quantiles, over the timed calls
+  peak MB                the extra memory a call takes at its peak
+  x recipe, x svd, x torch  how many times faster than that provider on the same cell this row is (above 1: faster)
+  GB/s                   the bytes a call must move at least (inputs read, outputs and gradients written) per second
+  %copy                  that rate as a share of a measured large memory copy here: 100% is the bandwidth bound
+  state                  ok, or why the cell has no time (timed out, out of memory, not run, failed)"""
+HEADLINE_TARGETS = {"loss": "the whole loss", "align": "the alignment term", "gram_svd": "gram_svd"}
+HEADLINE_MODE = "full"
+WIDTH = 118
+
+
+def legend(provider_names: list[str]) -> str:
+    names = [p for p in PROVIDER_LEGEND if p in provider_names] + [p for p in provider_names if p not in PROVIDER_LEGEND]
+    width = max(len(p) for p in names)
+    lines = [f"  {p:<{width}}  {PROVIDER_LEGEND.get(p, 'a registered backend')}" for p in names]
+    return LEGEND.format(providers="\n".join(lines))
+
+
+def outcome(rows: list[dict], seconds: float) -> str:
+    counts = Counter(r["state"] for r in rows)
+    parts = [f"{counts.pop('ok', 0)} measured"] + [f"{n} {state}" for state, n in sorted(counts.items())]
+    return f"{len(rows)} cells in {seconds:.0f} s: {', '.join(parts)}."
+
+
+def _package_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["provider"] in backends.REGISTRY and r["state"] == "ok"]
+
+
+def _comparison(rows: list[dict], target: str, series: tuple, baseline: str) -> str:
+    """The package against `baseline` on `target` at the largest B of `series` where both ran (the fastest
+    backend there stands for the package), or why there is no such B."""
+    cells = {}
+    for r in rows:
+        if (r["target"], r["mode"], r["dtype"], r["M"], r["D"]) == (target, HEADLINE_MODE, *series):
+            cells.setdefault(r["B"], []).append(r)
+    name = BASELINE_NAMES[baseline]
+    for b in sorted(cells, reverse=True):
+        base = [r for r in cells[b] if r["provider"] == baseline and r["state"] == "ok"]
+        ours = _package_rows(cells[b])
+        if base and ours:
+            best = min(ours, key=lambda r: r["median_ms"])
+            speedup = base[0]["median_ms"] / best["median_ms"]
+            ratio = (f"{speedup:.1f}x faster than" if speedup >= 1.05 else f"{1 / speedup:.1f}x slower than"
+                     if speedup <= 1 / 1.05 else "about as fast as")
+            return f"{ratio} {name} (B={b}, {best['provider']})"
+    states = {r["state"] for b in cells for r in cells[b] if r["provider"] == baseline}
+    if states & {"timeout", "timeout-skip"}:
+        return f"{name} did not finish a call within the time limit at any size"
+    return f"{name} was not measured" if not states else f"{name} did not run ({', '.join(sorted(states))})"
+
+
+def headline(rows: list[dict]) -> str:
+    """Speed-ups of the package over each baseline, forward and backward, on the series the run swept over B."""
+    swept = Counter((r["dtype"], r["M"], r["D"]) for r in rows if r["mode"] == HEADLINE_MODE)
+    if not swept or not _package_rows(rows):
+        return "Headline: no backend of this package ran, so there is nothing to compare."
+    series = swept.most_common(1)[0][0]
+    lines = [textwrap.fill(f"Headline: this package against each baseline, forward and backward, {series[0]}, "
+                           f"M={series[1]}, D={series[2]}, at the largest B where both ran:", WIDTH)]
+    for target, name in HEADLINE_TARGETS.items():
+        if any(r["target"] == target for r in rows):
+            said = "; ".join(_comparison(rows, target, series, baseline) for baseline in BASELINES)
+            lines.append(textwrap.fill(f"{name}: {said}.", WIDTH, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines)
