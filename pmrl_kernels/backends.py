@@ -5,7 +5,8 @@ Protocol below (one module may serve several ops):
 
     gram_eig(embeddings, normalize) -> (S, U, lead)        # a [B, M, D] tensor or M tensors [B, D];
                                                             # differentiable through S and lead
-    contrastive(rows, cols, tau_reg, offset) -> [B]         # per-row InfoNCE over the leads
+    contrastive(rows, cols, tau_reg, offset) -> [B]         # per-row InfoNCE over the leads; tau_reg a float
+                                                            # or a 0-d tensor, which gets its gradient
 
 Every op module also says whether it can run on a device type (`is_available`) and which inputs it refuses
 (`<op>_unsupported(...)`, None when it takes them; gram_eig's gets the M row views). Wrapping a backward with
@@ -57,7 +58,9 @@ class ContrastiveModule(Protocol):
 
     def contrastive_unsupported(self, rows: torch.Tensor, cols: torch.Tensor) -> Optional[str]: ...
 
-    def contrastive(self, rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int) -> torch.Tensor: ...
+    def contrastive(
+        self, rows: torch.Tensor, cols: torch.Tensor, tau_reg: Union[float, torch.Tensor], offset: int
+    ) -> torch.Tensor: ...
 
 
 OP_PROTOCOLS = {"gram_eig": GramEigModule, "contrastive": ContrastiveModule}

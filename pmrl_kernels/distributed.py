@@ -1,12 +1,13 @@
 """Data-parallel PMRL: gather every rank's leading directions with gradient.
 
 `PMRLLoss(gather_with_grad=True)` uses this module. Each rank computes the alignment term on its own rows and
-the contrastive term of its rows against the leads of all ranks of the default process group (in rank order),
-target = offset of this rank + i. Per-rank batch sizes may differ: the sizes are gathered first, each rank pads
-its leads to the largest size, gathers, and drops the padding.
+the contrastive term of its rows against the leads of all ranks of its process group (PMRLLoss's process_group,
+by default the default group; in group rank order), target = offset of this rank + i. Per-rank batch sizes
+may differ: the sizes are gathered first, each rank pads its leads to the largest size, gathers, and drops the
+padding.
 
 Scaling, chosen so that DDP's gradient averaging reproduces single-process training on the concatenated batch
-(N rows over W ranks, loss_i the per-row loss of the single-process computation):
+(N rows over the W ranks of the group, loss_i the per-row loss of the single-process computation):
 
 - reduction "mean": each rank returns W / N * sum of its loss_i. The mean over ranks is the single-process mean.
 - reduction "sum":  each rank returns W * sum of its loss_i. The mean over ranks is the single-process sum.
@@ -50,6 +51,15 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     return _nn_all_gather(x, group)
 
 
+def check_group(group) -> None:
+    """TypeError unless group is None (the default group) or a torch.distributed ProcessGroup."""
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(
+            f"process_group must be None (the default group) or a torch.distributed.ProcessGroup such as "
+            f"dist.new_group(...) returns, got {type(group).__name__}"
+        )
+
+
 def require_process_group() -> None:
     """RuntimeError unless torch.distributed is available and its default process group is initialised."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -61,9 +71,10 @@ def require_process_group() -> None:
 
 
 class RowGather:
-    """The `gather` hook of the loss for one forward pass: rows -> (rows of every rank, offset of ours).
+    """The `gather` hook of the loss for one forward pass: rows -> (rows of every rank of `group`, offset of ours).
 
-    Construction gathers the per-rank batch sizes (a collective: every rank must construct one per step).
+    Construction gathers the per-rank batch sizes (a collective: every rank of the group must construct one per
+    step). group None is the default group; every collective, size and rank is taken in `group`.
     """
 
     def __init__(self, batch: int, device: torch.device, group=None):

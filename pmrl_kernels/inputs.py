@@ -15,6 +15,7 @@ import torch
 from .constants import MIN_TEMPERATURE
 
 Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
+Temperature = Union[float, torch.Tensor]  # a number, or a 0-d floating tensor (e.g. a learnable nn.Parameter)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -108,11 +109,35 @@ def positive_finite(value, name: str) -> float:
     return value
 
 
-def temperature(value, name: str) -> float:
-    value = positive_finite(value, name)
+def temperature(value, name: str) -> Temperature:
+    """A number as a checked float; a tensor as it is, once it is a 0-d floating tensor (its value is read by
+    temperature_value, per call, because a tensor can change between calls)."""
+    if not isinstance(value, torch.Tensor):
+        return temperature_value(value, name)
+    _check_dtype(value, name)
+    if value.dim() != 0:
+        raise ValueError(
+            f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)} "
+            f"(a 1-element tensor t: pass t.reshape(()))"
+        )
+    return value
+
+
+def temperature_value(value, name: str) -> float:
+    """The value of a temperature (a number or a checked 0-d tensor, whose value this reads), checked."""
+    value = positive_finite(float(value.detach()) if isinstance(value, torch.Tensor) else value, name)
     if value < MIN_TEMPERATURE:
         raise ValueError(f"{name} must be >= {MIN_TEMPERATURE} (logits / {name} would leave the float32 range), got {value}")
     return value
+
+
+def temperature_device(value: Temperature, device: torch.device, name: str) -> None:
+    """A tensor temperature must be on the embeddings' device (a CPU scalar would be copied on every use)."""
+    if isinstance(value, torch.Tensor) and value.device != device:
+        raise ValueError(
+            f"{name} must be on the embeddings' device {device}, got a tensor on {value.device}; "
+            f"move it with .to({str(device)!r})"
+        )
 
 
 def non_negative_finite(value, name: str) -> float:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .constants import SIGN_TOL
+from .inputs import Temperature
 
 
 def safe_inverse(x: torch.Tensor, floor_sq: torch.Tensor) -> torch.Tensor:
@@ -31,22 +32,22 @@ def canonical_sign(u: torch.Tensor) -> torch.Tensor:
     return torch.where(key >= 0, 1.0, -1.0).to(u.dtype)
 
 
-def alignment(s: torch.Tensor, tau: float) -> torch.Tensor:
+def alignment(s: torch.Tensor, tau: Temperature) -> torch.Tensor:
     """Per-instance alignment loss [B]: CE of the singular values as logits (sigma / tau), target the largest.
 
     Written as log1p(sum_{k >= 2} exp((sigma_k - sigma_1) / tau)) (S is sorted descending): near the optimum the
     value is tiny and this form keeps its relative precision, where logsumexp - sigma_1 / tau would cancel to an
     absolute error of eps * sigma_1 / tau. Its gradient is exact too: -sum_{k >= 2} p_k on sigma_1 instead of
-    p_1 - 1.
+    p_1 - 1. A 0-d tensor tau gets its gradient from autograd (docs/maths.md, "Temperature gradients").
     """
     return torch.log1p(torch.exp((s[:, 1:] - s[:, :1]) / tau).sum(-1))
 
 
-def contrastive(rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int = 0) -> torch.Tensor:
+def contrastive(rows: torch.Tensor, cols: torch.Tensor, tau_reg: Temperature, offset: int = 0) -> torch.Tensor:
     """Per-row InfoNCE [B]: CE over logits rows @ cols^T / tau_reg with target column offset + i.
 
     cols may hold more rows than rows (the leads gathered from every rank); offset is where this rank's rows
-    sit among them.
+    sit among them. A 0-d tensor tau_reg gets its gradient from autograd.
     """
     check_offset(rows, cols, offset)
     logits = rows @ cols.transpose(0, 1) / tau_reg

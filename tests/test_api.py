@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import pmrl_kernels
 from conftest import assert_close, random_embeddings
@@ -150,6 +151,15 @@ def test_bad_arguments(kwargs, error, message):
         pmrl_loss(GOOD, **kwargs)
     with pytest.raises(error, match=message):  # the module checks every argument at construction, backend too
         PMRLLoss(**kwargs)
+
+
+def test_process_group_is_checked_and_needs_the_gather():
+    with pytest.raises(TypeError, match="process_group must be None .* got str"):
+        PMRLLoss(gather_with_grad=True, process_group="world")
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)  # a group object; no collective runs here
+    with pytest.raises(ValueError, match="process_group is the group of the gather"):
+        PMRLLoss(process_group=group)
+    assert PMRLLoss(gather_with_grad=True, process_group=group).process_group is group
 
 
 def test_output_dict_must_be_bool():

@@ -709,6 +709,31 @@ def test_contrastive_matches_reference(name, device, case):
     check_contrastive(backends.implementations("contrastive", device)[name], device, *CONTRASTIVE_CASES[case])
 
 
+@pytest.mark.parametrize("same", [True, False], ids=["rows_are_columns", "gathered_columns"])
+@every_contrastive_backend
+def test_contrastive_tensor_temperature_gets_its_gradient(name, device, same):
+    """A contrastive op takes tau_reg as a 0-d tensor and gives it its gradient (backends.ContrastiveModule)."""
+    gen = torch.Generator().manual_seed(31)
+    rows = torch.nn.functional.normalize(torch.randn(24, 40, generator=gen, dtype=torch.float64), dim=-1)
+    cols = rows if same else torch.nn.functional.normalize(torch.randn(37, 40, generator=gen, dtype=torch.float64),
+                                                           dim=-1)
+    weights = torch.rand(24, generator=gen, dtype=torch.float64)
+    offset = 0 if same else 5
+
+    def grads(fn, dtype, where):
+        r = rows.to(where, dtype, copy=True).requires_grad_()
+        c = r if same else cols.to(where, dtype, copy=True).requires_grad_()
+        tau = torch.tensor(0.2, dtype=dtype, device=where, requires_grad=True)
+        (fn(r, c, tau, offset) * weights.to(where, dtype)).sum().backward()
+        return tau.grad, r.grad
+
+    exact = grads(terms.contrastive, torch.float64, "cpu")
+    baseline = grads(terms.contrastive, torch.float32, "cpu")
+    got = grads(backends.implementations("contrastive", device)[name], torch.float32, device)
+    for what, a, e, b in zip(("d tau_reg", "d rows"), got, exact, baseline):
+        assert_fa_close(a.cpu(), e, b, what, fa_atol(torch.float32))
+
+
 # ----------------------------------------------------------------------------------------------- GPU sizes
 
 

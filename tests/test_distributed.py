@@ -3,7 +3,10 @@
 Two gloo ranks on 127.0.0.1 (CPU), unequal batches (3 and 5 rows), float64, reference backend. Each rank runs
 this file as a script (`--worker`) and saves its losses and gradients; the test compares them with the
 single-process values: mean over ranks of the loss == single-process loss, gradient on each rank's rows ==
-world_size * single-process gradient ("mean" and "sum"); "none" rows == the single-process rows.
+world_size * single-process gradient ("mean" and "sum"); "none" rows == the single-process rows. Also: an
+explicit process_group reaches the gather (a group of both ranks gives the same, a group of one rank the loss
+of its own batch), tensor temperatures and the learned tau_reg get the single-process gradient on average over
+the ranks (DDP's average), and the default PMRLLoss computes on the local batch.
 """
 import os
 import socket
@@ -13,6 +16,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from pmrl_kernels import PMRLLoss, available_backends, distributed
 
@@ -25,6 +29,7 @@ CONFIGS = [(reduction, reg_weight) for reduction in ("mean", "sum", "none") for 
 KERNEL_BACKENDS = [b for b in available_backends() if b != "reference"]
 # "none" is reduced by a fixed weighting so its gradient exercises the gather's backward too
 NONE_WEIGHTS_SEED = 7
+TEMPERATURES = {"tau": 0.05, "tau_reg": 0.1}
 
 
 def full_batch() -> torch.Tensor:
@@ -37,15 +42,34 @@ def none_weights() -> torch.Tensor:
     return torch.rand(sum(SIZES), generator=g, dtype=torch.float64) + 0.5
 
 
-def run_loss(z: torch.Tensor, rows: slice, reduction: str, reg_weight: float, gather: bool, backend="reference"):
+def run_loss(z: torch.Tensor, rows: slice, reduction: str, reg_weight: float, gather: bool, backend="reference",
+             **kwargs):
     """(loss parts, gradient on z[rows]) of the loss on z[rows]; "none" is differentiated through a weighted
-    sum, with the weights of those rows."""
+    sum, with the weights of those rows. kwargs go to PMRLLoss."""
     x = z[rows].clone().requires_grad_(True)
-    fn = PMRLLoss(reduction=reduction, reg_weight=reg_weight, backend=backend, gather_with_grad=gather)
+    fn = PMRLLoss(reduction=reduction, reg_weight=reg_weight, backend=backend, gather_with_grad=gather, **kwargs)
     parts = fn(x, output_dict=True)
     scalar = (parts["loss"] * none_weights()[rows].to(x.dtype)).sum() if reduction == "none" else parts["loss"]
     scalar.backward()
     return {k: v.detach() for k, v in parts.items()}, x.grad
+
+
+def temperature_grads(z: torch.Tensor, rows: slice, gather: bool, backend="reference", group=None):
+    """(loss, {"tau", "tau_reg": gradient}, gradient on z[rows]) with the temperatures as tensors."""
+    x = z[rows].clone().requires_grad_(True)
+    temps = {k: torch.tensor(v, dtype=z.dtype, requires_grad=True) for k, v in TEMPERATURES.items()}
+    loss = PMRLLoss(**temps, backend=backend, gather_with_grad=gather, process_group=group)(x)
+    loss.backward()
+    return loss.detach(), {k: t.grad for k, t in temps.items()}, x.grad
+
+
+def learned_grad(z: torch.Tensor, rows: slice, group=None) -> torch.Tensor:
+    """d logit_scale of PMRLLoss(learn_tau_reg=True); with a group, the module is DDP-wrapped over it, so the
+    gradient is averaged over its ranks."""
+    fn = PMRLLoss(learn_tau_reg=True, gather_with_grad=group is not None, process_group=group).double()
+    model = fn if group is None else DistributedDataParallel(fn, process_group=group)  # alive until the backward
+    model(z[rows]).backward()
+    return fn.logit_scale.grad
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -59,6 +83,23 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             results.update({(impl, *cfg): run_loss(full_batch(), rows, *cfg, gather=True) for cfg in CONFIGS})
         for backend in KERNEL_BACKENDS:
             results[backend] = run_loss(full_batch().float(), rows, "mean", 1.0, gather=True, backend=backend)
+        # torch.distributed.nn's backward on gloo takes group ranks for global ones (torch 2.13), which a group
+        # of rank 1 alone exposes: the group runs use the functional collectives
+        distributed._functional_all_gather = GATHERS["functional"]
+        # new_group is collective over every rank, so every rank creates every group, in one order
+        pair = dist.new_group(list(range(WORLD)))
+        alone = [dist.new_group([r]) for r in range(WORLD)][rank]
+        try:
+            PMRLLoss(process_group=pair)
+        except ValueError as error:
+            results["group without gather"] = str(error)
+        results["pair"] = run_loss(full_batch(), rows, "mean", 1.0, gather=True, process_group=pair)
+        results["alone"] = run_loss(full_batch(), rows, "mean", 1.0, gather=True, process_group=alone)
+        results["default"] = run_loss(full_batch(), rows, "mean", 1.0, gather=False)
+        for backend in available_backends("cpu"):
+            z = full_batch() if backend == "reference" else full_batch().float()
+            results["temperatures", backend] = temperature_grads(z, rows, gather=True, backend=backend, group=pair)
+        results["learned"] = learned_grad(full_batch(), rows, pair)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -117,6 +158,56 @@ def test_kernel_backends(rank_results, backend):
     torch.testing.assert_close(loss, single_loss["loss"], rtol=1e-5, atol=1e-6)
     grads = torch.cat([res[backend][1] for res in rank_results])
     torch.testing.assert_close(grads, WORLD * single_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_process_group_reaches_the_gather(rank_results):
+    """A group of both ranks gives the default group's result; a group of one rank gathers only its own rows,
+    so each rank gets the loss of its own batch (the gather would add the other rank's otherwise)."""
+    for res in rank_results:
+        for a, b in zip(res["pair"], res[("functional", "mean", 1.0)]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for r, res in enumerate(rank_results):
+        start = sum(SIZES[:r])
+        local_parts, local_grad = run_loss(full_batch(), slice(start, start + SIZES[r]), "mean", 1.0, gather=False)
+        torch.testing.assert_close(res["alone"][0], local_parts, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res["alone"][1], local_grad, rtol=1e-12, atol=1e-12)
+        assert "pass it with gather_with_grad=True" in res["group without gather"]
+
+
+def test_default_computes_on_the_local_batch(rank_results):
+    """PMRLLoss() under an initialised process group: both terms on each rank's own batch, as the published
+    code computes them, not on the global batch."""
+    global_parts, _ = run_loss(full_batch(), slice(None), "mean", 1.0, gather=False)
+    for r, res in enumerate(rank_results):
+        start = sum(SIZES[:r])
+        local_parts, local_grad = run_loss(full_batch(), slice(start, start + SIZES[r]), "mean", 1.0, gather=False)
+        torch.testing.assert_close(res["default"][0], local_parts, rtol=0, atol=0)
+        torch.testing.assert_close(res["default"][1], local_grad, rtol=0, atol=0)
+    assert not torch.isclose(torch.stack([res["default"][0]["reg"] for res in rank_results]).mean(),
+                             global_parts["reg"])
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_temperature_gradients_through_the_gather(rank_results, backend):
+    """Tensor temperatures: each rank's gradient is its share, their mean (DDP's average) the single-process
+    gradient; the embeddings' gradients scale as without them. float64 for the reference, float32 otherwise."""
+    z = full_batch() if backend == "reference" else full_batch().float()
+    tol = dict(rtol=1e-10, atol=1e-12) if backend == "reference" else dict(rtol=1e-4, atol=1e-6)
+    single_loss, single_temps, single_grad = temperature_grads(z, slice(None), gather=False, backend=backend)
+    per_rank = [res["temperatures", backend] for res in rank_results]
+    torch.testing.assert_close(torch.stack([loss for loss, _, _ in per_rank]).mean(), single_loss, **tol)
+    for name, single in single_temps.items():
+        torch.testing.assert_close(torch.stack([temps[name] for _, temps, _ in per_rank]).mean(), single, **tol,
+                                   msg=name)
+    torch.testing.assert_close(torch.cat([grad for _, _, grad in per_rank]), WORLD * single_grad, **tol)
+
+
+def test_learned_tau_reg_under_ddp(rank_results):
+    """PMRLLoss(learn_tau_reg=True, gather_with_grad=True) wrapped in DDP: every rank holds the single-process
+    gradient of logit_scale."""
+    single = learned_grad(full_batch(), slice(None))
+    for res in rank_results:
+        torch.testing.assert_close(res["learned"], single, rtol=1e-10, atol=1e-12)
 
 
 def test_requires_process_group():

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..inputs import Temperature
 from ..terms import check_offset
 from .triton_common import interpreting, is_available
 
@@ -267,13 +268,23 @@ def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def contrastive(rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int = 0) -> torch.Tensor:
+def contrastive(rows: torch.Tensor, cols: torch.Tensor, tau_reg: Temperature, offset: int = 0) -> torch.Tensor:
     """Per-row InfoNCE [B] (float32) as terms.contrastive, tiled: no B x N matrix in forward or backward. The
     products run at the precision torch would use for rows @ cols^T here (operand_precision). When rows and cols
-    are the same tensor (the loss without a gather), its gradient comes from one symmetric backward launch."""
+    are the same tensor (the loss without a gather), its gradient comes from one symmetric backward launch.
+
+    A 0-d tensor tau_reg never reaches the kernels as a number (reading it would sync the device and break
+    torch.compile): they run at temperature 1 on operands scaled by it, lead / sqrt(tau_reg) on both sides when
+    rows are columns (the symmetric launch stays), rows / tau_reg otherwise. Autograd of that O((B + N) D)
+    scaling gives d tau_reg = -(1 / tau_reg) sum_i rows_i . d rows_i (docs/maths.md, "Temperature gradients")."""
     check_offset(rows, cols, offset)
     precision = operand_precision(rows.device.type)
-    if rows is cols and offset == 0:
+    same = rows is cols
+    if isinstance(tau_reg, torch.Tensor):
+        rows = rows * tau_reg.rsqrt() if same else rows / tau_reg
+        cols = rows if same else cols
+        tau_reg = 1.0
+    if same:
         return _SymmetricContrastive.apply(_as_kernel_input(rows), float(tau_reg), precision)
     return _Contrastive.apply(_as_kernel_input(rows), _as_kernel_input(cols), float(tau_reg), int(offset), precision)
 
