@@ -833,6 +833,19 @@ def bench_cell(bencher: Bencher, fn, cap_s: float) -> dict:
         release(torch)
 
 
+def chunked_path(fn):
+    """fn run with the Triton gram kernels' one-pass path off (RESIDENT_ELEMENTS = 0): their chunked passes."""
+    from pmrl_kernels.ops import triton_gram  # noqa: PLC0415
+
+    def run():
+        saved, triton_gram.RESIDENT_ELEMENTS = triton_gram.RESIDENT_ELEMENTS, 0
+        try:
+            return fn()
+        finally:
+            triton_gram.RESIDENT_ELEMENTS = saved
+    return run
+
+
 def cmd_bench(args):
     step = Step(args.steps, "bench", args.budget, margin=2 if args.dry_run else 5)
     torch = _torch()
@@ -893,6 +906,8 @@ def cmd_bench(args):
             cells.append((dict(target="gram_svd", mode="fwd+bwd", provider=be),
                           lambda be=be, zs=zs, g=(gs, gl): torch.autograd.grad(
                               pk.gram_svd(zs, backend=be)[::2], zs, list(g))))
+            if be == "triton":  # the chunked path at the same size: is the one-pass path the faster here?
+                cells += [(dict(c, provider="triton-chunked"), chunked_path(fn)) for c, fn in cells[-2:]]
             for reg in (0.0, 1.0):
                 cells.append((dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=reg),
                               lambda be=be, reg=reg, zs=zs: torch.autograd.grad(
@@ -973,7 +988,7 @@ def cmd_bench_cli(args):
     out = args.steps / "bench_cli_rows.json"
     cmd = [sys.executable, "-m", "pmrl_kernels.bench", "--sizes", "B=16384;M=4;D=512", "--dtype", "fp32",
            "--targets", "gram_svd,loss", "--modes", "full", "--providers", ",".join(providers),
-           "--repeats", "10", "--time-limit", "1", "--no-progress", "--json", str(out)]
+           "--repeats", "10", "--time-limit", "1", "--no-progress", "--no-save", "--json", str(out)]
     step.data.update(command=" ".join(cmd), device=torch.cuda.get_device_name(0))
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(10, step.left() - 5))
@@ -1361,7 +1376,8 @@ def summary_text(summary: dict) -> str:
         kernels = list(bench.get("backends") or KERNEL_BACKENDS_GPU)
         sizes = sorted({(r["M"], r["dtype"]) for r in rows}, key=lambda k: (k[0], k[1] != "float32"))
         w = 13
-        gram = [(mode, p) for mode in ("fwd", "fwd+bwd") for p in kernels]
+        gram_providers = kernels + ["triton-chunked"] * ("triton" in kernels)
+        gram = [(mode, p) for mode in ("fwd", "fwd+bwd") for p in gram_providers]
         lines.append(f"{'gram_svd':<9}{'M':>3} {'dtype':<9}" +
                      "".join(f"{('f+b' if mode == 'fwd+bwd' else mode) + ':' + p:<{w}}" for mode, p in gram))
         for m, dt in sizes:

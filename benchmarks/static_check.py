@@ -6,7 +6,8 @@
   run on CPU tensors with `wrap_triton` replaced by a recorder, so the grid, arguments and constexprs are exactly
   those of a launch; Triton's binder then specialises them as it would on a GPU (16-byte aligned pointers,
   integers equal to 1 or divisible by 16). Per kernel: registers and spills (ptxas -v on the PTX) and whether the
-  code uses MMA instructions (wgmma / mma in the PTX).
+  code uses MMA instructions (wgmma / mma in the PTX). The Gram kernels compile on both paths (RESIDENT: the
+  instance loaded once into registers; chunked: a pass over D per reduction).
 
 The contract (checked by `check`, and by tests/test_static_gpu.py): no spill and a stack frame under 512 bytes
 for M <= 8 in every fp32/bf16/fp16 CUDA kernel, no spill in any Triton kernel for M <= 8, and MMA in the
@@ -87,6 +88,9 @@ GRAM_LAUNCHES = [dict(m=m, d=512, dtype=dtype, normalize=normalize)
                  for m in (2, 3, 4, 5, 8, 9, 16) for dtype in ("float32", "bfloat16")
                  for normalize in (True, False) if normalize or dtype == "float32"]
 GRAM_LAUNCHES += [dict(m=4, d=512, dtype="float16", normalize=True), dict(m=7, d=129, dtype="float32", normalize=True)]
+# both paths at M <= 8 (at D = 512 M <= 4 is resident, larger M chunked): M = 8 resident, M = 4 chunked
+GRAM_LAUNCHES += [dict(m=m, d=d, dtype=dtype, normalize=True) for m, d in ((8, 256), (4, 4096))
+                  for dtype in ("float32", "bfloat16")]
 CONTRASTIVE_LAUNCHES = [dict(b=4096, d=d, precision=p, same=same)
                         for p in ("ieee", "tf32", "bf16") for d, same in ((512, True), (128, False))]
 
@@ -192,13 +196,53 @@ def triton_report() -> dict:
         for spec in specs:
             for kernel, grid, args, kwargs in record(spec):
                 row = dict(spec, family=family, kernel=kernel.fn.__name__,
-                           mode=kwargs.get("MODE"), grid=list(grid))
+                           mode=kwargs.get("MODE"), resident=kwargs.get("RESIDENT"), grid=list(grid))
                 try:
                     row.update(_compile_launch(kernel, args, kwargs))
                 except Exception as exc:  # a kernel that does not compile is a finding, not a crash
                     row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                 kernels.append(row)
     return {"status": "ok", "kernels": kernels}
+
+
+# ------------------------------------------------------------------------------------------------- byte model
+
+# the vendors' HBM peak bandwidths, which the README's predictions divide the modelled bytes by
+PEAK_BANDWIDTH = {"H100 SXM": 3.35e12, "H200": 4.8e12}
+BYTE_MODEL_SHAPE = dict(batch=65536, modalities=4, features=512)
+
+
+def byte_model_rows() -> list[dict]:
+    """triton_gram.dram_bytes at BYTE_MODEL_SHAPE (dL/dS and dL/dlead given, normalised), fp32 and bf16, forward and
+    backward: the path the launch takes, its bytes, the chunked path's for comparison, and the predicted times at
+    HBM peak (a prediction from the model, not a measurement: it ignores the Jacobi solve and launch latency)."""
+    import triton
+
+    from pmrl_kernels.ops import triton_gram
+
+    batch, modalities, features = BYTE_MODEL_SHAPE.values()
+    resident = triton_gram.launch_config(triton.next_power_of_2(modalities), features)["RESIDENT"]
+    rows = []
+    for dtype, itemsize in (("fp32", 4), ("bf16", 2)):
+        for direction in ("forward", "backward"):
+            args = (direction, batch, modalities, features, itemsize)
+            moved = sum(triton_gram.dram_bytes(*args))
+            rows.append(dict(dtype=dtype, direction=direction, resident=resident, bytes=moved,
+                             chunked_bytes=sum(triton_gram.dram_bytes(*args, resident=False)),
+                             ms={gpu: moved / rate * 1e3 for gpu, rate in PEAK_BANDWIDTH.items()}))
+    return rows
+
+
+def byte_model_table() -> str:
+    """byte_model_rows as the README's markdown table."""
+    gpus = list(PEAK_BANDWIDTH)
+    lines = ["| dtype | kernel | path | bytes | " + " | ".join(f"{g} ({PEAK_BANDWIDTH[g] / 1e12:g} TB/s)" for g in gpus)
+             + " | chunked path's bytes |", "|---" * (5 + len(gpus)) + "|"]
+    for r in byte_model_rows():
+        lines.append(f"| {r['dtype']} | `gram_eig` {r['direction']} | {'one pass' if r['resident'] else 'chunked'} | "
+                     f"{r['bytes'] / 1e9:.3f} GB | " + " | ".join(f"{r['ms'][g]:.3f} ms" for g in gpus)
+                     + f" | {r['chunked_bytes'] / 1e9:.3f} GB |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -253,9 +297,13 @@ def main(argv=None) -> int:
     parser.add_argument("--triton", action="store_true", help="compile the Triton kernels (default: both parts)")
     parser.add_argument("--json", help="write the full report here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc processes")
+    parser.add_argument("--bytes", action="store_true", help="print the Gram kernels' byte model table and exit")
     args = parser.parse_args(argv)
     both = not (args.cuda or args.triton)
     sys.path.insert(0, str(ROOT))
+    if args.bytes:
+        print(byte_model_table())
+        return 0
     report = {}
     if args.cuda or both:
         report["cuda"] = cuda_report(args.jobs)

@@ -1,7 +1,8 @@
 """What the compilers say about every kernel for sm_90, without a GPU (benchmarks/static_check.py; the report is
 computed once per session by conftest.static_report): every .cu file compiles with a bare nvcc, every Triton
-kernel compiles with the specialisation a real launch gets, nothing spills for M <= 8, the CUDA stack frames stay
-under 512 bytes, and the contrastive kernels use MMA instructions under TF32 and bf16."""
+kernel compiles with the specialisation a real launch gets (the Gram kernels on both paths), nothing spills for
+M <= 8, the CUDA stack frames stay under 512 bytes, and the contrastive kernels use MMA instructions under TF32 and
+bf16; the README's predicted bytes and times are the Gram kernels' byte model."""
 import importlib.util
 import shutil
 from pathlib import Path
@@ -43,6 +44,20 @@ def test_every_triton_kernel_compiles_as_launched_without_spills(static_report):
     assert not errors, errors[0]
     spills = [k for k in kernels if k.get("m", 0) <= static_check.MAX_CLEAN_M and (k["spill_stores"] or k["spill_loads"])]
     assert not spills, spills
+
+
+def test_gram_kernels_compile_on_both_paths(static_report):
+    """Forward and backward, resident (the instance loaded once) and chunked, each at some M <= 8: the no-spill
+    contract covers both paths."""
+    gram = [k for k in static_report["triton"]["kernels"]
+            if k["family"] == "gram" and k["m"] <= static_check.MAX_CLEAN_M]
+    assert {(k["kernel"], k["resident"]) for k in gram} == {
+        (kernel, resident) for kernel in ("_gram_eig_fwd_kernel", "_gram_eig_bwd_kernel") for resident in (True, False)}
+
+
+def test_readme_predictions_are_the_byte_model():
+    """README's GPU section shows static_check.byte_model_table() as it is (`static_check.py --bytes`)."""
+    assert static_check.byte_model_table() in (ROOT / "README.md").read_text()
 
 
 def test_contrastive_uses_tensor_cores_where_torch_would(static_report):

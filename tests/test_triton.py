@@ -9,7 +9,7 @@ operation: sizes are small and each launch holds many instances per program.
 import pytest
 import torch
 
-from conftest import assert_fa_close, check_contrastive, correlated, f64, requires_cuda
+from conftest import assert_fa_close, check_contrastive, correlated, degenerate_cases, f64, requires_cuda
 from pmrl_kernels import backends, pmrl_loss, terms
 from pmrl_kernels.constants import MAX_MODALITIES, MIN_MODALITIES
 
@@ -56,20 +56,49 @@ def test_unsupported_inputs():
 
 
 @pytest.mark.parametrize("m", range(MIN_MODALITIES, MAX_MODALITIES + 1))
-@pytest.mark.parametrize("d", [1, 3, 64, 257, 4096])
-def test_gram_block_sizes_fit_the_register_budget(m, d, monkeypatch):
-    """Compiled: powers of two, 256 entries of G per program, a [BLOCK_B, MP, BLOCK_D] tile of at most
-    REGISTER_BUDGET elements, no more features than D rounded up. Interpreted: 64 instances, up to 512 features."""
+@pytest.mark.parametrize("d", [1, 3, 64, 257, 512, 4096])
+def test_gram_launch_config_fits_the_register_budget(m, d, monkeypatch):
+    """Resident (the whole instance in one tile, read once) exactly when M and D padded to powers of two fit
+    RESIDENT_ELEMENTS, compiled and interpreted alike. Compiled: powers of two, at most 256 entries of G per
+    program, a resident tile of at most RESIDENT_ELEMENTS elements, chunks of at most REGISTER_BUDGET elements and
+    no more features than D rounded up. Interpreted: 64 instances, chunks of up to 512 features."""
     m_pad = 1 << (m - 1).bit_length()
     d_pad = 1 << (d - 1).bit_length()
+    resident = m_pad * d_pad <= triton_gram.RESIDENT_ELEMENTS
     monkeypatch.setattr(triton_gram, "interpreting", lambda: False)
-    block_b, block_d = triton_gram.block_sizes(m_pad, d)
+    config = triton_gram.launch_config(m_pad, d)
+    block_b, block_d = config["BLOCK_B"], config["BLOCK_D"]
+    assert config["RESIDENT"] == resident
     assert block_b & (block_b - 1) == 0 and block_d & (block_d - 1) == 0
     assert block_b * m_pad * m_pad <= 256 and block_b >= 1
-    assert block_b * m_pad * block_d <= triton_gram.REGISTER_BUDGET
-    assert block_d <= d_pad
+    if resident:
+        assert block_d == d_pad and block_b * m_pad * block_d <= triton_gram.RESIDENT_ELEMENTS
+    else:
+        assert block_d <= d_pad and block_b * m_pad * block_d <= triton_gram.REGISTER_BUDGET
     monkeypatch.setattr(triton_gram, "interpreting", lambda: True)
-    assert triton_gram.block_sizes(m_pad, d) == (64, min(d_pad, 512))
+    assert triton_gram.launch_config(m_pad, d) == dict(BLOCK_B=64, BLOCK_D=d_pad if resident else min(d_pad, 512),
+                                                       RESIDENT=resident)
+
+
+def test_gram_resident_at_the_training_shapes():
+    """M <= 4 at D = 512 (and M = 8 at D = 256) load each instance once; M = 16 at D = 512 takes the chunks."""
+    for m_pad, d, resident in ((2, 512, True), (4, 512, True), (8, 256, True), (8, 512, False), (16, 512, False)):
+        assert triton_gram.launch_config(m_pad, d)["RESIDENT"] == resident, (m_pad, d)
+
+
+def test_gram_byte_model():
+    """triton_gram.dram_bytes: resident, each input read once and each output written once; chunked, Z read again
+    by the second pass, and dL/dlead too in the backward; a backward with nothing to reduce makes one pass."""
+    b, m, d = 64, 4, 512
+    z, lead, spectrum, grad_s = b * m * d * 2, b * d * 4, b * (m + m * m) * 4, b * m * 4
+    model = triton_gram.dram_bytes
+    assert model("forward", b, m, d, 2, resident=True) == (z, spectrum + lead)
+    assert model("forward", b, m, d, 2, resident=False) == (2 * z, spectrum + lead)
+    assert model("backward", b, m, d, 2, resident=True) == (z + lead + spectrum + grad_s, z)
+    assert model("backward", b, m, d, 2, resident=False) == (2 * z + 2 * lead + spectrum + grad_s, z)
+    assert model("backward", b, m, d, 2, normalize=False, grad_lead=False, resident=False) == (z + spectrum + grad_s, z)
+    for direction in ("forward", "backward"):  # M = 4, D = 512 is resident
+        assert model(direction, b, m, d, 2) == model(direction, b, m, d, 2, resident=True)
 
 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 64, 100, 4096])
@@ -129,6 +158,66 @@ def test_half_precision_input_gives_the_float32_results_rounded(dtype):
     for name, a, e in zip(("S", "U", "lead"), half[:3], single[:3]):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, msg=name)
     torch.testing.assert_close(half[3].float(), single[3], rtol=torch.finfo(dtype).eps, atol=1e-6, msg="dz")
+
+
+# ----------------------------------------------------------------------------------------------- resident and chunked
+
+
+def _force_path(monkeypatch, resident, m, d):
+    """Make instances [m, d] take the resident path (with the smallest budget that holds one) or the chunked one."""
+    m_pad, d_pad = 1 << (m - 1).bit_length(), 1 << (d - 1).bit_length()
+    monkeypatch.setattr(triton_gram, "RESIDENT_ELEMENTS", m_pad * d_pad if resident else 0)
+    assert triton_gram.launch_config(m_pad, d)["RESIDENT"] == resident
+
+
+def _scaled(scale):
+    z = correlated(40, 3, 24, seed=23, dtype=torch.float64) * scale
+    z[5, 1] = 0.0  # a zero row among scaled ones
+    return z
+
+
+GRAM_PATH_CASES = {
+    **{name: z for name, z in degenerate_cases().items() if name != "near_tie_init"},  # rank-1, zero rows, D < M, ..
+    "huge": _scaled(1e30),  # squared norms overflow: the rescaling pass
+    "tiny": _scaled(1e-15),  # squared norms below sqrt(tiny): the rescaling pass (sigma_1^2 stays above tiny)
+    "many_features": correlated(9, 4, 1100, seed=29, dtype=torch.float64),  # chunked: chunks, the last partial
+}
+
+
+# NumPy in Triton's interpreter, on "huge": the first Gram pass overflows, then the rescaled one runs
+OVERFLOW_WARNING = pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
+
+
+@OVERFLOW_WARNING
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "chunked"])
+@pytest.mark.parametrize("case", list(GRAM_PATH_CASES))
+def test_gram_paths_match_the_reference(case, resident, monkeypatch):
+    """Both paths, whatever the shape would pick, on degenerate and badly scaled input: S, U, lead and dL/dz
+    (through S and lead, S only, lead only) against the float64 reference, normalised and not (the conformance
+    suite's checks)."""
+    from test_conformance import check_gram_eig
+
+    z = GRAM_PATH_CASES[case].to(DEVICE, torch.float32)
+    _force_path(monkeypatch, resident, z.shape[1], z.shape[2])
+    zs = [t.requires_grad_() for t in z.unbind(1)]
+    for normalize in (True, False):
+        check_gram_eig("triton", zs, normalize)
+
+
+@OVERFLOW_WARNING
+@pytest.mark.skipif(not INTERPRETING, reason="the interpreter's chunks: compiled, the chunks are smaller than D")
+@pytest.mark.parametrize("case", ["rank1_optimum", "zero_row", "d_less_than_m", "huge"])
+def test_gram_paths_agree_bit_for_bit(case, monkeypatch):
+    """In the interpreter a chunk holds all D <= 512 features, so the two paths differ only in where each pass
+    takes its tile from (registers loaded once, or memory again): the same bits, forward and backward."""
+    z = GRAM_PATH_CASES[case].float()
+    outputs = {}
+    for resident in (True, False):
+        _force_path(monkeypatch, resident, z.shape[1], z.shape[2])
+        outputs[resident] = [_outputs(z, normalize) for normalize in (True, False)]
+    for on_registers, chunked in zip(outputs[True], outputs[False]):
+        for name, a, e in zip(("S", "U", "lead", "dz"), on_registers, chunked):
+            assert torch.equal(a, e), name
 
 
 # ----------------------------------------------------------------------------------------------- contrastive kernel
@@ -220,9 +309,10 @@ def test_interpreter_rounds_bfloat16_toward_zero():
 
 @pytest.mark.skipif(not INTERPRETING, reason="the interpreter's block sizes")
 def test_interpreter_runs_few_programs():
-    """The test suite's cost model: 64 instances per program in the interpreter, whatever M."""
+    """The test suite's cost model: 64 instances per program in the interpreter, whatever M and path."""
     for m_pad in (2, 4, 8, 16):
-        assert triton_gram.block_sizes(m_pad, 80)[0] == 64
+        for d in (80, 4096):
+            assert triton_gram.launch_config(m_pad, d)["BLOCK_B"] == 64
 
 
 # ----------------------------------------------------------------------------------------------- GPU only

@@ -1,7 +1,8 @@
 """The per-instance maths of the Triton gram_eig kernels (pmrl_kernels/ops/triton_gram.py), the counterpart of
 csrc/include/pmrl/*.h: masked selections and reductions over [BLOCK_B, MP] and [BLOCK_B, MP, MP] blocks (Triton
-cannot index registers), the Jacobi rotation and its stopping test, the canonical sign, the scale helpers, with the
-constants of pmrl_kernels.constants (docs/maths.md, "Singular cases" and "Scale")."""
+cannot index registers), what a pass takes from a [BLOCK_B, MP, BLOCK_D] tile of rows, the Jacobi rotation and its
+stopping test, the canonical sign, the scale helpers and the backward's coefficients, with the constants of
+pmrl_kernels.constants (docs/maths.md, "Singular cases" and "Scale")."""
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +30,15 @@ def scale_for(x):
     field = tl.minimum(tl.maximum(253 - biased, 1), 253)
     r = (field << 23).to(tl.float32, bitcast=True)
     return tl.where((x > 0.0) & (x <= FLT_MAX), r, 1.0)
+
+
+@triton.jit
+def row_scales(amax, NORMALIZE: tl.constexpr):
+    """[BLOCK_B, MP] row scales from the rows' largest magnitudes amax (pmrl/instance.h, row_scales): each row its
+    own with normalisation, the instance's largest for all rows without; 1 when an input is not finite."""
+    top = tl.max(amax, 1)
+    r = scale_for(amax) if NORMALIZE else scale_for(top)[:, None] + tl.zeros_like(amax)
+    return tl.where((top <= FLT_MAX)[:, None], r, 1.0)
 
 
 @triton.jit
@@ -61,6 +71,39 @@ def column(a, k, MP: tl.constexpr):
     """[BLOCK_B, MP] column k of a [BLOCK_B, MP, MP] (k may be a runtime value)."""
     j = tl.arange(0, MP)
     return tl.sum(tl.where(j[None, None, :] == k, a, 0.0), 2)
+
+
+@triton.jit
+def tile_row(x, j, MP: tl.constexpr):
+    """[BLOCK_B, BLOCK_D] row j of the tile x [BLOCK_B, MP, BLOCK_D], exactly (the other rows add zeros)."""
+    return tl.sum(tl.where(tl.arange(0, MP)[None, :, None] == j, x, 0.0), 1)
+
+
+@triton.jit
+def tile_gram(x, M: tl.constexpr, MP: tl.constexpr):
+    """x x^T [BLOCK_B, MP, MP] over the features of the tile x, one column per modality (3-D temporaries only:
+    the [BLOCK_B, MP, MP, BLOCK_D] product would not fit in registers)."""
+    col = tl.arange(0, MP)[None, None, :]
+    g = tl.zeros((x.shape[0], MP, MP), tl.float32)
+    for j in tl.static_range(M):
+        g += tl.where(col == j, tl.sum(x * tile_row(x, j, MP)[:, None, :], 2)[:, :, None], 0.0)
+    return g
+
+
+@triton.jit
+def tile_product(k, x, M: tl.constexpr, MP: tl.constexpr):
+    """k x [BLOCK_B, MP, BLOCK_D] for k [BLOCK_B, MP, MP] and the tile x, summed over j in order."""
+    y = tl.zeros(x.shape, tl.float32)
+    for j in tl.static_range(M):
+        y += column(k, j, MP)[:, :, None] * tile_row(x, j, MP)[:, None, :]
+    return y
+
+
+@triton.jit
+def tile_magnitudes(x):
+    """[BLOCK_B, MP] largest |x| of each row over the tile, NaN counted as Inf."""
+    a = tl.abs(x)
+    return tl.max(tl.where(a <= FLT_MAX, a, INF), 2)
 
 
 @triton.jit
@@ -138,3 +181,59 @@ def canonical_sign(u, i, MP: tl.constexpr):
     first = tl.sum(tl.where(i[None, :] == first_idx[:, None], u, 0.0), 1)
     key = tl.where(tl.abs(total) > SIGN_TOL, total, tl.where(first_idx < MP, first, 1.0))
     return tl.where(key >= 0.0, 1.0, -1.0)
+
+
+@triton.jit
+def backward_coefficients(graw, zg, s, u, gs, r, NORMALIZE: tl.constexpr, HAS_GS: tl.constexpr,
+                          HAS_GLEAD: tl.constexpr, M: tl.constexpr, MP: tl.constexpr):
+    """(K [BLOCK_B, MP, MP], w [BLOCK_B, MP], wv [BLOCK_B, MP]) with dL/dz_m = r_m (wv_m (sum_n K_mn (r_n z_n) +
+    w_m gbar)), from the reductions of the rows scaled by r (Gram matrix graw, Z gbar zg), S, U and dL/dS gs
+    (pmrl/instance.h's backward_coefficients; reference.gram_eig_backward's maths).
+
+    dL/dZn = C Zn + u_1 gbar^T / sigma_1 (docs/maths.md, "The backward in matrix form") and, through the
+    normalisation with N = diag(max(||z_m||, NORM_EPS)), dL/dZ = K Z + w gbar^T, K = N^-1 C N^-1 - diag(radial) N^-2.
+    """
+    i = tl.arange(0, MP)
+    inv_n, norm = inverse_norms(graw, r, NORMALIZE, MP)
+    # the maths works on Zn_c = c Zn, c the power of two of sigma_1
+    c = scale_for(entry(s, 0, MP))
+    s = s * c[:, None]
+    wv = inv_n * c[:, None]  # zn_cm = wv_m zhat_m
+
+    s1 = entry(s, 0, MP)
+    lam = s * s
+    lam1 = s1 * s1
+    inv_s1 = tl.math.div_rn(s1, lam1 + TINY)
+    u1 = column(u, 0, MP)
+    coef = tl.zeros(u.shape, tl.float32)  # C
+    w = tl.zeros(s.shape, tl.float32)  # dL/dZn_c's rank-1 term u_1 gbar^T / sigma_1c, per row
+    a = zg * wv  # Zn_c gbar
+    if HAS_GS:
+        floor_sq = (SIGMA_EPS * s1) * (SIGMA_EPS * s1) + TINY
+        # dL/dsigma_kc = dL/dsigma_k / c
+        ws = tl.math.div_rn(gs, c[:, None]) * tl.math.div_rn(s, lam + floor_sq[:, None])
+        for k in tl.static_range(M):  # U diag(ws) U^T
+            uk = column(u, k, MP)
+            coef += entry(ws, k, MP)[:, None, None] * (uk[:, :, None] * uk[:, None, :])
+    if HAS_GLEAD:
+        bk = tl.sum(u * a[:, :, None], 1)  # b_k = u_k . a
+        lg = entry(bk, 0, MP) * inv_s1  # lead . gbar
+        gap = lam1[:, None] - lam
+        gap_floor_sq = (GAP_EPS * lam1) * (GAP_EPS * lam1) + TINY
+        h = bk * tl.math.div_rn(gap, gap * gap + gap_floor_sq[:, None]) * inv_s1[:, None]
+        h = tl.where(i[None, :] == 0, 0.0, h)
+        uh = tl.sum(u * h[:, None, :], 2)  # sum_k h_k u_k
+        coef += uh[:, :, None] * u1[:, None, :] + u1[:, :, None] * uh[:, None, :]
+        coef -= (lg * inv_s1 * inv_s1)[:, None, None] * (u1[:, :, None] * u1[:, None, :])
+        w = u1 * inv_s1[:, None]
+    if NORMALIZE:
+        # dL/dzn_m - (dL/dzn_m . zn_m) zn_m, with dL/dzn_m . zn_m = (C G_c)_mm + w_m a_m, on Zn_c: radial / c^2
+        g = graw * wv[:, :, None] * wv[:, None, :]
+        radial = tl.sum(coef * g, 2) + w * a
+        radial = tl.where(norm > r * NORM_EPS, radial, 0.0)
+        coef = coef * wv[:, None, :]
+        coef -= tl.where(i[None, :, None] == i[None, None, :],
+                         tl.math.div_rn(radial * wv, (c * c)[:, None])[:, :, None], 0.0)
+    else:
+        coef = coef * wv[:, None, :]
+    return coef, w, wv
