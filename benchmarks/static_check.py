@@ -28,11 +28,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CLEAN_M = 8  # up to this M the kernels must keep everything in registers
 MAX_STACK_BYTES = 512
+BUILD_CORES = 16  # the GPU machines' cores: the build-time prediction's worker count
 
 # ------------------------------------------------------------------------------------------------------- CUDA
 
@@ -67,9 +69,19 @@ def _compile_cu(source: Path, out_dir: Path) -> dict:
     nvcc = shutil.which("nvcc")
     cmd = [nvcc, "-c", "-std=c++17", "-arch=sm_90", "-O3", "-Xptxas", "-v", f"-I{ROOT / 'csrc' / 'include'}",
            str(source), "-o", str(out_dir / (source.stem + ".o"))]
+    start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     return {"file": source.name, "returncode": result.returncode, "kernels": parse_ptxas(result.stderr),
-            "errors": result.stderr[-3000:] if result.returncode else ""}
+            "seconds": time.perf_counter() - start, "errors": result.stderr[-3000:] if result.returncode else ""}
+
+
+def build_seconds(seconds: list[float], jobs: int) -> float:
+    """The wall time of compiling files of these durations on `jobs` parallel workers, longest first (what ninja
+    does with MAX_JOBS): the prediction of the extension's CUDA build time on a machine with that many cores."""
+    workers = [0.0] * jobs
+    for t in sorted(seconds, reverse=True):
+        workers[workers.index(min(workers))] += t
+    return max(workers)
 
 
 def cuda_report(jobs: int) -> dict:
@@ -278,7 +290,11 @@ def summary(report: dict) -> dict:
     cuda = [k for f in report.get("cuda", {}).get("files", []) for k in f["kernels"]
             if k["dtype"] != "float64" and k["M"] is not None and k["M"] <= MAX_CLEAN_M]
     tri = [k for k in report.get("triton", {}).get("kernels", []) if "error" not in k]
+    seconds = [f["seconds"] for f in report.get("cuda", {}).get("files", [])]
     return {
+        "cuda_compile_seconds_per_file_max": max(seconds, default=None),
+        # sm_90 only (TORCH_CUDA_ARCH_LIST's default), the .cpp binding aside; timed with --jobs processes here
+        "cuda_build_seconds_on_16_cores_predicted": build_seconds(seconds, BUILD_CORES) if seconds else None,
         "cuda_kernels_m_le_8": len(cuda),
         "cuda_spill_bytes_m_le_8": sum(k["spill_stores"] + k["spill_loads"] for k in cuda),
         "cuda_max_stack_bytes_m_le_8": max((k["stack_bytes"] for k in cuda), default=None),

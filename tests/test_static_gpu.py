@@ -82,3 +82,13 @@ def test_the_contract_check_flags_what_it_should():
                                       "mma": False, "spill_stores": 0, "spill_loads": 0, "d": 512}]}}
     problems = static_check.check(report)
     assert len(problems) == 3, problems  # the spill, the stack frame, the missing MMA; fp64 is exempt
+
+
+def test_build_time_prediction(static_report):
+    """The 16-core CUDA build time is predicted from each file's measured nvcc time, longest file first."""
+    assert static_check.build_seconds([10.0, 9.0, 1.0, 1.0], 2) == 11.0
+    assert static_check.build_seconds([5.0] * 32, 16) == 10.0
+    seconds = [f["seconds"] for f in static_report["cuda"]["files"]]
+    assert all(s > 0 for s in seconds)
+    predicted = static_check.summary(static_report)["cuda_build_seconds_on_16_cores_predicted"]
+    assert max(seconds) <= predicted <= max(max(seconds), sum(seconds) / 16) * 2
