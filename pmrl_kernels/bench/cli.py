@@ -24,7 +24,7 @@ from .sweep import build_cases, memory_budget, run, warn_if_loaded
 from .timing import Timer
 
 # (dtype, B, M, D) points. The B sweep is what the plot draws and the headline reads; the side points vary M, D and
-# dtype one at a time. --full on CPU: about 3 to 5 minutes on 2 idle cores. CUDA: fills an H100 (Z is 512 MiB at
+# dtype one at a time. --full on CPU: several minutes on 2 cores. CUDA: fills an H100 (Z is 512 MiB at
 # B=65536, D=512, fp32). Both hold the reference case B=16384, M=4, D=256, float32.
 FULL_GRID = {
     "cpu": [("float32", b, 4, 256) for b in (256, 1024, 4096, 16384)]
@@ -36,7 +36,7 @@ FULL_GRID = {
     + [("float32", 16384, m, 512) for m in (2, 8, 16)]
     + [("float32", 16384, 4, d) for d in (128, 2048)],
 }
-# the default run: the B sweep and one bfloat16 point on CPU, within about 3 minutes on 2 idle cores
+# the default run: the B sweep and one bfloat16 point on CPU, about 2 minutes on 2 idle cores (README)
 DEFAULT_GRID = {
     "cpu": [("float32", b, 4, 256) for b in (256, 1024, 4096, 16384)] + [("bfloat16", 1024, 4, 256)],
     "cuda": FULL_GRID["cuda"],
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="pmrl-bench",
         description="Time and memory of the PMRL loss: this package's backends against the published recipe, "
                     "torch.linalg.svd and the best torch composition, side by side in one run. The default run "
-                    "takes about 3 minutes on 2 CPU cores and writes its table, JSON, CSV and plot into "
+                    "takes about 2 minutes on 2 idle CPU cores and writes its table, JSON, CSV and plot into "
                     f"{RESULTS_ROOT}/<device>-<time>/. Same as `python -m pmrl_kernels.bench`.",
         epilog='example: pmrl-bench --sizes "B=1024,4096;M=4;D=256" --targets align,gram_svd --modes full '
                "--out my-results",
@@ -93,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "(default: the sweep's own; float32 with --sizes)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="a few small sizes, 3 timed calls: a smoke run")
-    p.add_argument("--full", action="store_true", help="the full sweep: more B, M, D and dtypes (on 2 CPU cores about "
-                                                       "5 minutes; more with --time-limit 2)")
+    p.add_argument("--full", action="store_true", help="the full sweep: on CPU also M = 2, 8 and D = 64, 512 (several "
+                                                       "minutes on 2 CPU cores)")
     p.add_argument("--repeats", type=int, help="timed calls per cell at most (default 10 CPU, 25 CUDA; 3 quick)")
     p.add_argument("--time-limit", type=float, default=TIME_LIMIT_S, help="seconds a call may take (default 1)")
     p.add_argument("--mem-budget", type=float, help="GiB a cell may use (default: a third of free RAM on CPU, "
