@@ -2,12 +2,14 @@
 import contextlib
 import csv
 import dataclasses
+import importlib.metadata
 import io
 import json
 import os
 import re
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -126,6 +128,8 @@ def test_a_failing_provider_is_a_cell_state(monkeypatch, tmp_path, error, states
     (["--threads", "0"], "--threads must be >= 1"),
     (["--time-limit", "-1"], "must be > 0"),
     (["--load", "/nonexistent/rows.json"], "cannot read"),
+    (["--out", __file__], "is not a folder"),
+    (["--quick", "--full"], "exclude each other"),
     (["--targets", "contrastive", "--providers", "svdvals"], "no provider computes"),
     pytest.param(["--providers", "cuda"], "not available on cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")),
@@ -253,17 +257,29 @@ def test_every_note_is_a_sentence(tmp_path):
     assert notes and all(n[0].isupper() and n.endswith(".") and "-skip" not in n for n in notes), notes
 
 
+def test_loading_a_run_without_rows(tmp_path, capsys):
+    empty = tmp_path / "rows.json"
+    empty.write_text("[]")
+    assert cli.main(["--load", str(empty)]) == 0
+    assert "nothing to compare" in capsys.readouterr().out
+
+
 def test_every_option_has_help():
     for action in cli._parser()._actions:
         assert action.help and len(action.help) > 10, action.option_strings
 
 
 def test_console_entry_point_is_the_module_main():
-    """pyproject declares `pmrl-bench` as pmrl_kernels.bench.cli:main; where the install put it on PATH, it runs."""
+    """pyproject declares `pmrl-bench` as pmrl_kernels.bench.cli:main; a pip install declares it in its metadata and
+    puts a script that runs it in its scripts folder."""
     text = (Path(cli.__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert re.search(r'^pmrl-bench = "pmrl_kernels\.bench\.cli:main"$', text, re.M)
-    script = Path(sys.executable).parent / "pmrl-bench"
-    if not script.exists():
-        pytest.skip("pmrl-bench is not installed next to this Python (package not installed with pip)")
+    try:
+        installed = importlib.metadata.distribution("pmrl_kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("pmrl_kernels is not installed with pip here, so there is no console script to run")
+    (entry,) = [e for e in installed.entry_points if (e.group, e.name) == ("console_scripts", "pmrl-bench")]
+    assert entry.load() is cli.main
+    script = Path(sysconfig.get_path("scripts")) / "pmrl-bench"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "usage: pmrl-bench" in done.stdout

@@ -137,6 +137,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # fail before the sweep, not after it
         parser.error("--plot needs matplotlib: pip install 'pmrl_kernels[bench]'")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out: {args.out} exists and is not a folder")
     if args.load:
         try:
             with open(args.load) as f:

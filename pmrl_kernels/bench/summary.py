@@ -43,7 +43,7 @@ WIDTH = 118
 
 def legend(provider_names: list[str]) -> str:
     names = [p for p in PROVIDER_LEGEND if p in provider_names] + [p for p in provider_names if p not in PROVIDER_LEGEND]
-    width = max(len(p) for p in names)
+    width = max((len(p) for p in names), default=0)
     lines = [f"  {p:<{width}}  {PROVIDER_LEGEND.get(p, 'a registered backend')}" for p in names]
     return LEGEND.format(providers="\n".join(lines))
 
