@@ -226,7 +226,7 @@ else
   finish ncu
 fi
 
-# 8. the test suite on the GPU (tests/test_gpu_check.py skips its own dry run under PMRL_GPU_CHECK=1)
+# 8. the GPU tests
 secs=$(budget pytest 180)
 if ((secs < 20)); then
   finish pytest --skip "no time left (total budget ${TOTAL}s)"
@@ -234,8 +234,12 @@ else
   say "pytest: up to ${secs}s"
   req=0
   [[ $(status_of build) == ok ]] && req=1  # a built extension must be tested, not skipped
+  # the tests that touch the GPU (the CPU suite is CI's), spread over processes when pytest-xdist is there
+  par=()
+  "$PY" -c 'import xdist' 2>/dev/null && par=(-n 6)
   run_timed pytest "$secs" "$OUT/pytest.log" env PMRL_GPU_CHECK=1 PMRL_REQUIRE_EXTENSION=$req \
-    "$PY" -m pytest tests -x -q -p no:cacheprovider
+    "$PY" -m pytest tests/test_triton.py tests/test_conformance.py tests/test_extension.py -k "cuda or test_triton" \
+    -q -rfE -p no:cacheprovider "${par[@]}"
   finish pytest
 fi
 
