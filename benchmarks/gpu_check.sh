@@ -10,7 +10,8 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # CPU only: the script's own logic at tiny sizes (~1 minute)
 #
 # The logic is in benchmarks/gpu_check.py; this file only sets up the environment, budgets the time and runs
-# the tools (pip, compute-sanitizer, ncu, pytest). GPU_CHECK_TOTAL_S overrides the overall budget.
+# the tools (pip, compute-sanitizer, ncu, pytest). GPU_CHECK_TOTAL_S overrides the overall budget and
+# GPU_CHECK_SANITIZER_S the sanitizer's cap; PMRL_SKIP_EXTENSION=1 makes it a Triton-only run (no build).
 set -uo pipefail  # no -e: a failing step is recorded and the run goes on
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -18,7 +19,7 @@ DRY=0
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (only --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -159,20 +160,25 @@ pystep env 40 env
 finish static --skip "the compilers' report needs no GPU: the dry run in CI has it"
 
 # 2. build: CUDA extension against the installed torch (no network: no build isolation, no index)
-secs=$(budget build 200)
-say "build: up to ${secs}s"
-build_env=(env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PIP_BREAK_SYSTEM_PACKAGES=1)
-t0=$SECONDS
-run_timed build "$secs" "$OUT/build.log" "${build_env[@]}" \
-  "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .
-rc=$?
-if ((rc != 0 && rc != 124 && rc != 137 && SECONDS - t0 < 30)); then
-  # pip itself refused (no setuptools editable support, PEP 668...): build in place instead; gpu_check.py and
-  # pytest import the package from the repository root
-  echo "===== pip failed in $((SECONDS - t0))s (rc $rc): python setup.py build_ext --inplace" >>"$OUT/build.log"
-  run_timed build "$(budget build 170)" "$OUT/build.log" "${build_env[@]}" "$PY" setup.py build_ext --inplace
+# (PMRL_SKIP_EXTENSION=1 leaves it out: a Triton-only run)
+if [[ ${PMRL_SKIP_EXTENSION:-0} == 1 ]]; then
+  finish build --skip "PMRL_SKIP_EXTENSION=1: the C++/CUDA extension is off for this run (Triton and the reference)"
+else
+  secs=$(budget build 200)
+  say "build: up to ${secs}s"
+  build_env=(env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PIP_BREAK_SYSTEM_PACKAGES=1)
+  t0=$SECONDS
+  run_timed build "$secs" "$OUT/build.log" "${build_env[@]}" \
+    "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .
+  rc=$?
+  if ((rc != 0 && rc != 124 && rc != 137 && SECONDS - t0 < 30)); then
+    # pip itself refused (no setuptools editable support, PEP 668...): build in place instead; gpu_check.py and
+    # pytest import the package from the repository root
+    echo "===== pip failed in $((SECONDS - t0))s (rc $rc): python setup.py build_ext --inplace" >>"$OUT/build.log"
+    run_timed build "$(budget build 170)" "$OUT/build.log" "${build_env[@]}" "$PY" setup.py build_ext --inplace
+  fi
+  finish build --budget-s "$secs"
 fi
-finish build --budget-s "$secs"
 
 # 3. copy bandwidth: the ceiling for every memory-bound kernel
 pystep bandwidth 25 bandwidth
@@ -180,7 +186,7 @@ pystep bandwidth 25 bandwidth
 # 4. compute-sanitizer on small shapes: a plain run first (functional check, and it fills the Triton cache so
 #    the sanitized runs do not JIT), then memcheck and synccheck. PYTORCH_NO_CUDA_MEMORY_CACHING: every tensor
 #    its own cudaMalloc, or memcheck cannot see an overrun that stays inside the caching allocator's block.
-secs=$(budget sanitizer 150)
+secs=$(budget sanitizer "${GPU_CHECK_SANITIZER_S:-150}")
 if [[ -z ${SANITIZER:-} ]]; then
   finish sanitizer --skip "compute-sanitizer not found"
 elif ((secs < 30)); then
@@ -193,7 +199,7 @@ else
   run_timed sanitizer:memcheck "$t_mem" "$WORK/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool memcheck --target-processes all --print-limit 100 \
     "${drv[@]}" --tag memcheck --budget $((t_mem - 15))
-  t_sync=$(( $(budget sanitizer 150) < secs - t_plain - t_mem ? $(budget sanitizer 150) : secs - t_plain - t_mem ))
+  t_sync=$(budget sanitizer $((secs - t_plain - t_mem)))
   if ((t_sync >= 20)); then
     run_timed sanitizer:synccheck "$t_sync" "$WORK/synccheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool synccheck --target-processes all --print-limit 100 \
@@ -235,11 +241,12 @@ else
   req=0
   [[ $(status_of build) == ok ]] && req=1  # a built extension must be tested, not skipped
   # the tests that touch the GPU (the CPU suite is CI's), spread over processes when pytest-xdist is there
+  # (-v: a run cut short by its budget still names its failures)
   par=()
   "$PY" -c 'import xdist' 2>/dev/null && par=(-n 6)
   run_timed pytest "$secs" "$OUT/pytest.log" env PMRL_GPU_CHECK=1 PMRL_REQUIRE_EXTENSION=$req \
     "$PY" -m pytest tests/test_triton.py tests/test_conformance.py tests/test_extension.py -k "cuda or test_triton" \
-    -q -rfE -p no:cacheprovider "${par[@]}"
+    -v -rfE --tb=short -p no:cacheprovider "${par[@]}"
   finish pytest
 fi
 

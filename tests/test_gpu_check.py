@@ -50,7 +50,9 @@ def test_rel_err_non_finite_and_zero():
     assert gc.rel_err(ref.clone(), ref) == 0.0  # NaN where the reference has NaN is right
     assert gc.rel_err(torch.tensor([1.0, 0.0, 2.0]), ref) == math.inf
     assert gc.rel_err(torch.zeros(3), torch.zeros(3)) == 0.0
-    assert gc.rel_err(torch.ones(3), torch.zeros(3)) == math.inf
+    # an all-zero reference (the gradient through the normalisation at D = 1): the RMS error
+    assert gc.rel_err(torch.full((4,), 3e-5), torch.zeros(4)) == pytest.approx(3e-5)
+    assert not gc.verdict(gc.rel_err(torch.ones(3), torch.zeros(3)), gc.THRESHOLDS["float32"]["grad"])["ok"]
     assert gc.rel_err(torch.ones(4), torch.ones(3)) == math.inf
     assert not gc.verdict(math.inf, 1.0)["ok"]
 
@@ -155,8 +157,10 @@ def test_sanitizer_log_counts(tmp_path):
     ("....s..\n5 passed, 1 skipped in 3.2s\n", 0, "ok", {"passed": 5, "skipped": 1}),
     ("..F\nFAILED tests/test_x.py::test_y - AssertionError: no\n1 failed, 2 passed in 1.0s\n", 1, "failed",
      {"failed": 1, "passed": 2}),
-    ("........s. [ 40%]\n..F", 124, "failed", {"passed": 11, "failed": 1, "errors": 0, "skipped": 1,
-                                               "partial": True}),
+    # cut short under -v with xdist: counted from the per-test lines, failures named
+    ("[gw0] [  1%] PASSED tests/test_a.py::test_b[cuda] \n[gw1] [  2%] FAILED tests/test_a.py::test_c \n"
+     "[gw0] [  3%] SKIPPED tests/test_a.py::test_d \n[gw2] [  4%] PASSED tests/test_e.py::test_f ", 124, "failed",
+     {"passed": 2, "failed": 1, "errors": 0, "skipped": 1, "partial": True}),
 ])
 def test_pytest_log_parsing(tmp_path, text, rc, status, counts):
     log = tmp_path / "pytest.log"
@@ -164,6 +168,7 @@ def test_pytest_log_parsing(tmp_path, text, rc, status, counts):
     data = {}
     got, _ = gc.parse_pytest(tmp_path, {"rc": rc, "seconds": 1.0, "log": str(log)}, data)
     assert got == status and data["counts"] == counts
+    assert len(data["failures"]) == counts.get("failed", 0)
 
 
 # ----------------------------------------------------------------------------------------------- the dry run

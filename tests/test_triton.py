@@ -23,6 +23,23 @@ INTERPRETING = triton_common.interpreting()
 # ----------------------------------------------------------------------------------------------- interface
 
 
+def test_kernel_globals_equal_themselves():
+    """On a GPU, Triton re-checks each global a kernel reads with == at every launch; a NaN global never equals
+    itself, so every launch failed on the H200 ("Global variable NAN has changed"). The interpreter skips that
+    check, so this is where it is caught without a GPU."""
+    import triton.language as tl  # noqa: PLC0415
+
+    from pmrl_kernels.ops import triton_instance  # noqa: PLC0415
+
+    checked = 0
+    for module in (triton_instance, triton_gram, triton_contrastive, triton_common):
+        for name, value in vars(module).items():
+            if isinstance(value, tl.constexpr):
+                checked += 1
+                assert value.value == value.value, f"{module.__name__}.{name} = {value.value!r} never equals itself"
+    assert checked >= 5
+
+
 def test_registration():
     spec = backends.REGISTRY["triton"]
     assert spec.ops == {"gram_eig": triton_gram.__name__, "contrastive": triton_contrastive.__name__}

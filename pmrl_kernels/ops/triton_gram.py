@@ -31,7 +31,7 @@ from ..autograd import gram_eig_autograd
 from ..constants import JACOBI_MAX_SWEEPS, MAX_MODALITIES, MIN_MODALITIES
 from .triton_common import interpreting, is_available
 from .triton_instance import (
-    FLT_MAX, NAN, TINY, backward_coefficients, canonical_sign, diagonal, entry, gram_needs_rescale, inverse_norms,
+    FLT_MAX, TINY, backward_coefficients, canonical_sign, diagonal, entry, gram_needs_rescale, inverse_norms,
     jacobi_rotate, non_finite, row_scales, scale_for, tile_gram, tile_magnitudes, tile_product, unconverged,
 )
 
@@ -185,7 +185,9 @@ def _gram_eig_fwd_kernel(
     # around the calls of sqrt_rn's slow path)
     bad = non_finite(g)[:, None, None]
     g = tl.where(bad, 0.0, g)
-    v = tl.where(bad, NAN, tl.where(row == col, 1.0, 0.0))
+    # NaN is written in place, not as a global: Triton re-checks every global a kernel reads with == at each
+    # launch on a GPU, and a NaN global never equals itself
+    v = tl.where(bad, float("nan"), tl.where(row == col, 1.0, 0.0))
     sweep = 0
     while (sweep < MAX_SWEEPS) & unconverged(g, MP):
         for p in range(M - 1):
@@ -211,12 +213,12 @@ def _gram_eig_fwd_kernel(
         s_k = tl.math.div_rn(s_kc, c)  # S = S_c / c, and without normalisation the rows were r Z
         if not NORMALIZE:
             s_k = tl.math.div_rn(s_k, entry(r, 0, MP))
-        s_k = tl.where(bad, NAN, tl.where(k < D, s_k, 0.0))
-        u_k = tl.where(bad[:, None], NAN, u_k)
+        s_k = tl.where(bad, float("nan"), tl.where(k < D, s_k, 0.0))
+        u_k = tl.where(bad[:, None], float("nan"), u_k)
         tl.store(S + b * M + k, s_k, mask=b_ok)
         tl.store(U + b[:, None] * (M * M) + i[None, :] * M + k, u_k, mask=b_ok[:, None] & (i[None, :] < M))
         if k == 0:
-            s1 = tl.where(bad, NAN, s_kc)
+            s1 = tl.where(bad, float("nan"), s_kc)
             u1 = u_k
 
     # lead = Zn_c^T u_1 * safe_inverse(s_1c, tiny), on the scaled rows r z

@@ -15,7 +15,6 @@ SIGN_TOL = tl.constexpr(constants.SIGN_TOL)
 NORM_EPS = tl.constexpr(constants.NORM_EPS)
 TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 FLT_MAX = tl.constexpr(torch.finfo(torch.float32).max)
-NAN = tl.constexpr(float("nan"))
 INF = tl.constexpr(float("inf"))
 SQRT_TINY = tl.constexpr(torch.finfo(torch.float32).tiny ** 0.5)
 # the relative rotation test of the C++ solver (csrc/include/pmrl/eigen.h), in fp32
