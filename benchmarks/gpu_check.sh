@@ -194,7 +194,8 @@ elif ((secs < 30)); then
 else
   say "sanitizer: up to ${secs}s (plain, memcheck, synccheck)"
   drv=("$PY" benchmarks/gpu_check.py sanitize --sample 16 --triton-sample 12)
-  t_plain=$((secs * 3 / 10)) t_mem=$((secs * 45 / 100))
+  # (each run spends about 10 s importing torch and starting CUDA before its first combination)
+  t_plain=$((secs * 3 / 10 > 25 ? secs * 3 / 10 : 25)) t_mem=$((secs * 45 / 100 > 30 ? secs * 45 / 100 : 30))
   run_timed sanitizer:plain "$t_plain" "$WORK/sanitize_plain.log" "${drv[@]}" --tag plain --budget $((t_plain - 5))
   run_timed sanitizer:memcheck "$t_mem" "$WORK/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool memcheck --target-processes all --print-limit 100 \
@@ -240,13 +241,20 @@ else
   say "pytest: up to ${secs}s"
   req=0
   [[ $(status_of build) == ok ]] && req=1  # a built extension must be tested, not skipped
-  # the tests that touch the GPU (the CPU suite is CI's), spread over processes when pytest-xdist is there
-  # (-v: a run cut short by its budget still names its failures)
+  # the tests that touch the GPU (the CPU suite is CI's), spread over processes when pytest-xdist is there, in two
+  # runs so that the first (the Triton file, 40% of the time) ends and prints its tracebacks even when the second
+  # runs out of time; -v: a run cut short still names its failures
   par=()
   "$PY" -c 'import xdist' 2>/dev/null && par=(-n 6)
-  run_timed pytest "$secs" "$OUT/pytest.log" env PMRL_GPU_CHECK=1 PMRL_REQUIRE_EXTENSION=$req \
-    "$PY" -m pytest tests/test_triton.py tests/test_conformance.py tests/test_extension.py -k "cuda or test_triton" \
-    -v -rfE --tb=short -p no:cacheprovider "${par[@]}"
+  pt=(env PMRL_GPU_CHECK=1 PMRL_REQUIRE_EXTENSION=$req "$PY" -m pytest -v -rfE --tb=short -p no:cacheprovider
+      "${par[@]}")
+  t_triton=$((secs * 4 / 10))
+  run_timed pytest:triton "$t_triton" "$WORK/pytest_triton.log" "${pt[@]}" tests/test_triton.py
+  run_timed pytest:cuda "$(budget pytest $((secs - t_triton)))" "$WORK/pytest_cuda.log" "${pt[@]}" \
+    tests/test_conformance.py tests/test_extension.py -k cuda
+  for f in pytest_triton pytest_cuda; do
+    [[ -f $WORK/$f.log ]] && { echo "===== $f"; tail -c 4000000 "$WORK/$f.log"; } >>"$OUT/pytest.log"
+  done
   finish pytest
 fi
 

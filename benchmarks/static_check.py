@@ -100,7 +100,8 @@ GRAM_LAUNCHES = [dict(m=m, d=512, dtype=dtype, normalize=normalize)
                  for m in (2, 3, 4, 5, 8, 9, 16) for dtype in ("float32", "bfloat16")
                  for normalize in (True, False) if normalize or dtype == "float32"]
 GRAM_LAUNCHES += [dict(m=4, d=512, dtype="float16", normalize=True), dict(m=7, d=129, dtype="float32", normalize=True)]
-# both paths at M <= 8 (at D = 512 M <= 4 is resident, larger M chunked): M = 8 resident, M = 4 chunked
+# both paths at M <= 8 (at D = 512 M <= 4 is resident, larger M chunked; the fp32 forward always chunked): M = 8
+# resident, M = 4 chunked
 GRAM_LAUNCHES += [dict(m=m, d=d, dtype=dtype, normalize=True) for m, d in ((8, 256), (4, 4096))
                   for dtype in ("float32", "bfloat16")]
 CONTRASTIVE_LAUNCHES = [dict(b=4096, d=d, precision=p, same=same)
@@ -233,10 +234,11 @@ def byte_model_rows() -> list[dict]:
     from pmrl_kernels.ops import triton_gram
 
     batch, modalities, features = BYTE_MODEL_SHAPE.values()
-    resident = triton_gram.launch_config(triton.next_power_of_2(modalities), features)["RESIDENT"]
     rows = []
     for dtype, itemsize in (("fp32", 4), ("bf16", 2)):
         for direction in ("forward", "backward"):
+            resident = triton_gram.launch_config(triton.next_power_of_2(modalities), features, direction,
+                                                 itemsize)["RESIDENT"]
             args = (direction, batch, modalities, features, itemsize)
             moved = sum(triton_gram.dram_bytes(*args))
             rows.append(dict(dtype=dtype, direction=direction, resident=resident, bytes=moved,

@@ -13,7 +13,8 @@ Every op module also says whether it can run on a device type (`is_available`) a
 pmrl_kernels.autograd.gram_eig_autograd gives the gram_eig op both input forms. `resolve(op, backend, inputs)`
 picks the implementation:
 
-- backend="auto": the first backend in AUTO_ORDER[op][device type] that is available and takes the inputs
+- backend="auto": the first backend in auto_order(op, device type, inputs) (AUTO_ORDER, or for many modalities
+  AUTO_ORDER_MANY_MODALITIES) that is available and takes the inputs
   (the reference backend takes everything);
 - a named backend that implements the op: that one, or a ValueError saying why it cannot run here;
 - a named backend that does not implement the op (the compiled backends have no contrastive kernel): the op
@@ -89,9 +90,25 @@ REGISTRY = {
 
 # "auto" tries these in order, per op and device type; the first that takes the input wins.
 AUTO_ORDER = {
-    "gram_eig": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")},
+    "gram_eig": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")},
     "contrastive": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
 }
+# Measured on an H200 (benchmarks/results/gpu-nvidia-h200, B = 65536, D = 512): the `cuda` gram_eig took 0.84 ms
+# forward+backward at M = 4 in fp32 against 2.8 ms for the faster Triton path, but 440 ms at M = 16 against
+# Triton's 141 ms: the CUDA kernel keeps its M x M arrays in registers only up to M = 8 (benchmarks/static_check.py)
+# and in local memory above. So past CUDA_REGISTER_MAX_M modalities "auto" tries these instead.
+CUDA_REGISTER_MAX_M = 8
+AUTO_ORDER_MANY_MODALITIES = {"gram_eig": {"cuda": ("triton", "cuda", "reference")}}
+
+
+def auto_order(op: str, device_type: str, inputs: tuple) -> tuple[str, ...]:
+    """The backends "auto" tries for `op` on these inputs, in order."""
+    if op == "gram_eig":
+        zs = inputs[0]
+        modalities = len(zs) if isinstance(zs, (list, tuple)) else zs.shape[1]
+        if modalities > CUDA_REGISTER_MAX_M and device_type in AUTO_ORDER_MANY_MODALITIES[op]:
+            return AUTO_ORDER_MANY_MODALITIES[op][device_type]
+    return AUTO_ORDER[op].get(device_type, ("reference",))
 
 _IMPORT_FAILED: set[str] = set()
 
@@ -180,7 +197,7 @@ def resolve(op: str, backend: str, inputs: tuple) -> Callable:
     backend = check_backend_name(backend)
     device_type = _device_type(inputs)
     if backend == "auto" or op not in REGISTRY[backend].ops:
-        for name in AUTO_ORDER[op].get(device_type, ("reference",)):
+        for name in auto_order(op, device_type, inputs):
             if unsupported_reason(op, name, inputs) is None:
                 return getattr(_op_module(name, op, device_type), op)
         raise AssertionError("the reference backend takes every input")  # unreachable: reference accepts all

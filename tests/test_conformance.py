@@ -287,10 +287,23 @@ def test_every_registered_module_follows_its_protocol():
             except ImportError:
                 continue  # e.g. triton not installed: the registry then never offers it
             assert_follows(module, backends.OP_PROTOCOLS[op])
-    for op, order in backends.AUTO_ORDER.items():
+    for op, order in [*backends.AUTO_ORDER.items(), *backends.AUTO_ORDER_MANY_MODALITIES.items()]:
         for device_type, names in order.items():
             assert names[-1] == "reference", f"auto must end at the reference for {op} on {device_type}"
             assert all(op in backends.REGISTRY[n].ops for n in names), (op, device_type, names)
+
+
+def test_auto_order_on_cuda_follows_the_h200_measurement():
+    """On CUDA the compiled gram_eig leads up to CUDA_REGISTER_MAX_M modalities, Triton above (list and [B, M, D]
+    input alike); the contrastive term and the CPU keep one order."""
+    limit = backends.CUDA_REGISTER_MAX_M
+    for m, first in ((2, "cuda"), (limit, "cuda"), (limit + 1, "triton"), (16, "triton")):
+        z = torch.zeros(2, m, 3)
+        for zs in (z, list(z.unbind(1))):
+            assert backends.auto_order("gram_eig", "cuda", (zs,))[0] == first, m
+            assert backends.auto_order("gram_eig", "cpu", (zs,)) == ("cpp", "reference")
+    rows = torch.zeros(2, 3)
+    assert backends.auto_order("contrastive", "cuda", (rows, rows)) == ("triton", "reference")
 
 
 def test_the_suite_covers_the_registry():

@@ -153,6 +153,21 @@ def test_sanitizer_log_counts(tmp_path):
     assert gc.parse_sanitizer_log(str(tmp_path / "missing.log"))["error_summary"] is None
 
 
+@pytest.mark.parametrize("done, status", [(0, "failed"), (3, "ok")])
+def test_sanitizer_step_that_ran_no_combination_fails(tmp_path, done, status):
+    """Seen on the H200: runs whose budget went to starting CUDA ran nothing; that is no pass."""
+    runs = []
+    for tool in ("plain", "memcheck"):
+        (tmp_path / f"sanitize_{tool}.json").write_text(json.dumps(
+            {"status": "ok", "done": done, "planned": 12, "failures": [], "backends": ["triton"]}))
+        log = tmp_path / f"{tool}.log"
+        log.write_text("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
+        runs.append({"tag": f"sanitizer:{tool}", "rc": 0, "seconds": 9.0, "budget_s": 18.0, "log": str(log)})
+    got, reason = gc.parse_sanitizer(tmp_path, runs, {})
+    assert got == status, reason
+    assert ("no combination ran" in reason) == (done == 0)
+
+
 @pytest.mark.parametrize("text,rc,status,counts", [
     ("....s..\n5 passed, 1 skipped in 3.2s\n", 0, "ok", {"passed": 5, "skipped": 1}),
     ("..F\nFAILED tests/test_x.py::test_y - AssertionError: no\n1 failed, 2 passed in 1.0s\n", 1, "failed",
@@ -166,9 +181,22 @@ def test_pytest_log_parsing(tmp_path, text, rc, status, counts):
     log = tmp_path / "pytest.log"
     log.write_text(text)
     data = {}
-    got, _ = gc.parse_pytest(tmp_path, {"rc": rc, "seconds": 1.0, "log": str(log)}, data)
+    got, _ = gc.parse_pytest(tmp_path, [{"rc": rc, "seconds": 1.0, "log": str(log)}], data)
     assert got == status and data["counts"] == counts
     assert len(data["failures"]) == counts.get("failed", 0)
+
+
+def test_pytest_runs_add_up(tmp_path):
+    """The step runs pytest once per group of test files: counts add up, one run cut short fails the step."""
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    logs[0].write_text("FAILED tests/test_a.py::test_b - AssertionError: no\n1 failed, 3 passed in 2.0s\n")
+    logs[1].write_text("[gw0] [  1%] PASSED tests/test_c.py::test_d \n")
+    runs = [{"rc": 1, "seconds": 2.0, "log": str(logs[0])}, {"rc": 124, "seconds": 9.0, "log": str(logs[1])}]
+    data = {}
+    status, reason = gc.parse_pytest(tmp_path, runs, data)
+    assert status == "failed" and "timed out after 11 s" in reason
+    assert data["counts"] == {"failed": 1, "passed": 4, "errors": 0, "skipped": 0, "partial": True}
+    assert data["failures"] == ["FAILED tests/test_a.py::test_b - AssertionError: no"]
 
 
 # ----------------------------------------------------------------------------------------------- the dry run

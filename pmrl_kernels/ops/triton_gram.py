@@ -10,7 +10,8 @@ with the same constants.
 Two paths, one code (launch_config picks, RESIDENT): when an instance's rows fit in registers the kernel loads
 them once and every pass works on that tile, so the forward reads Z once and the backward reads Z and dL/dlead
 once and writes dZ once (dram_bytes: the byte model); larger instances take the passes over D in chunks, loading
-Z again on each.
+Z again on each. The fp32 forward takes the chunks even where it fits: faster on the H200 (see
+FORWARD_RESIDENT_MAX_ITEMSIZE).
 
 Layout inside a program: BLOCK_B instances x MP (M padded to a power of two) modalities x BLOCK_D features.
 Triton cannot index registers, so every per-entry access of the M x M matrices is a masked select/reduction.
@@ -44,6 +45,12 @@ MAX_M = MAX_MODALITIES  # the kernels take one pointer argument per modality
 # 4096 the backward needs 255 registers at M = 8 and the forward 196 at M = 4: one or two programs an SM, each
 # running its Jacobi solve replicated across its threads.
 RESIDENT_ELEMENTS = 2048
+# The forward's one pass holds one instance per program at M = 4, D = 512 (BLOCK_B = 1), whose Jacobi solve then
+# runs replicated over the program's threads. Measured on an H200 (benchmarks/results/gpu-nvidia-h200, B = 65536,
+# M = 4, D = 512): the fp32 forward took 2.68 ms one-pass against 1.21 ms chunked, the bf16 forward 3.74 against
+# 6.34, and the backward was faster one-pass in both (fp32 about 0.75 against 1.6 ms). So the forward takes the
+# one pass only for inputs of at most this many bytes an element, the backward whenever the instance fits.
+FORWARD_RESIDENT_MAX_ITEMSIZE = 2
 # fp32 elements of a chunk [BLOCK_B, MP, BLOCK_D] of the chunked passes, which load Z again on each pass (4 warps:
 # 8 a thread): at most 128 registers for M <= 8; 2048 needs up to 162 (the backward at M = 8), otherwise untuned.
 REGISTER_BUDGET = 1024
@@ -295,15 +302,20 @@ def _common_strides(zs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [z.contiguous() for z in zs]
 
 
-def launch_config(m_pad: int, d: int) -> dict:
-    """BLOCK_B, BLOCK_D and RESIDENT (the passes work on a tile loaded once). Resident when an instance's padded
-    tile fits RESIDENT_ELEMENTS, in the interpreter too, so that both paths run there. Compiled: at most 256
+def launch_config(m_pad: int, d: int, direction: str, itemsize: int) -> dict:
+    """BLOCK_B, BLOCK_D and RESIDENT (the passes work on a tile loaded once) of the forward or backward kernel for
+    inputs of `itemsize` bytes an element. Resident when an instance's padded tile fits RESIDENT_ELEMENTS (the
+    forward only for inputs of at most FORWARD_RESIDENT_MAX_ITEMSIZE bytes), in the interpreter too, so that both
+    paths run there. Compiled: at most 256
     entries of G (and of V) per program for the Jacobi solve; resident, as many instances as fill
     RESIDENT_ELEMENTS; chunked, chunks of REGISTER_BUDGET elements (no register spills for sm_90:
     benchmarks/static_check.py in CI), otherwise untuned. Interpreted: the cost is per operation, not per element,
     so 64 instances and, chunked, up to 512 features at a time."""
     d_pad = triton.next_power_of_2(d)
-    resident = m_pad * d_pad <= RESIDENT_ELEMENTS
+    if direction not in ("forward", "backward"):
+        raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+    resident = m_pad * d_pad <= RESIDENT_ELEMENTS and (
+        direction == "backward" or itemsize <= FORWARD_RESIDENT_MAX_ITEMSIZE)
     if interpreting():
         return dict(BLOCK_B=64, BLOCK_D=d_pad if resident else min(d_pad, 512), RESIDENT=resident)
     block_b = min(64, 256 // (m_pad * m_pad))
@@ -322,7 +334,7 @@ def dram_bytes(direction: str, batch: int, modalities: int, features: int, items
     both. Not counted: the instances whose squared norms over- or underflow, which take two more passes on the
     chunked path (none resident)."""
     if resident is None:
-        resident = launch_config(triton.next_power_of_2(modalities), features)["RESIDENT"]
+        resident = launch_config(triton.next_power_of_2(modalities), features, direction, itemsize)["RESIDENT"]
     z = batch * modalities * features * itemsize
     lead = batch * features * 4
     spectrum = batch * (modalities + modalities * modalities) * 4  # S and U
@@ -344,7 +356,7 @@ def gram_eig_fwd(zs: list[torch.Tensor], normalize: bool) -> tuple[torch.Tensor,
     """S [B, M], U [B, M, M], lead [B, D] in float32 (the autograd-free forward)."""
     zs = _common_strides(list(zs))
     (batch, features), modalities = zs[0].shape, len(zs)
-    config = launch_config(triton.next_power_of_2(modalities), features)
+    config = launch_config(triton.next_power_of_2(modalities), features, "forward", zs[0].element_size())
     device = zs[0].device
     s = torch.empty(batch, modalities, device=device, dtype=torch.float32)
     u = torch.empty(batch, modalities, modalities, device=device, dtype=torch.float32)
@@ -369,7 +381,7 @@ def gram_eig_bwd(
     """dL/dz [B, M, D] in the input dtype, given dL/dS and dL/dlead (None for zero)."""
     zs = _common_strides(list(zs))
     (batch, features), modalities = zs[0].shape, len(zs)
-    config = launch_config(triton.next_power_of_2(modalities), features)
+    config = launch_config(triton.next_power_of_2(modalities), features, "backward", zs[0].element_size())
     dz = torch.empty(batch, modalities, features, device=zs[0].device, dtype=zs[0].dtype)
     gs = s if grad_s is None else grad_s  # a placeholder pointer when absent: HAS_GS=False never reads it
     gl = s if grad_lead is None else grad_lead
