@@ -858,6 +858,28 @@ def triton_path(fn, provider: str):
     return run
 
 
+# the contrastive term's matmul precision, as torch would choose it: float32_matmul_precision "highest" (IEEE fp32),
+# "high" (TF32), or bf16 operands under torch.autocast
+CONTRASTIVE_PRECISIONS = ("ieee", "tf32", "bf16")
+
+
+def at_precision(fn, precision: str, device_type: str):
+    """fn run under the torch settings that make the contrastive kernel use `precision`."""
+    torch = _torch()
+
+    def run():
+        if precision == "bf16":
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                return fn()
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+        try:
+            return fn()
+        finally:
+            torch.set_float32_matmul_precision(saved)
+    return run
+
+
 def cmd_bench(args):
     step = Step(args.steps, "bench", args.budget, margin=2 if args.dry_run else 5)
     torch = _torch()
@@ -920,10 +942,18 @@ def cmd_bench(args):
                               pk.gram_svd(zs, backend=be)[::2], zs, list(g))))
             if be == "triton":  # the other paths at the same size: which is the faster here?
                 cells += [(dict(c, provider=p), triton_path(fn, p)) for p in TRITON_PATHS for c, fn in cells[-2:]]
-            for reg in (0.0, 1.0):
-                cells.append((dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=reg),
-                              lambda be=be, reg=reg, zs=zs: torch.autograd.grad(
-                                  pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=reg, backend=be), zs)))
+            cells.append((dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=0.0),
+                          lambda be=be, zs=zs: torch.autograd.grad(
+                              pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=0.0, backend=be), zs)))
+        # the B x B contrastive term is Triton's under every backend on CUDA and does not depend on M: once, at the
+        # first M, in each precision torch would use for its matmul (CPU dry run: IEEE only)
+        if m == ms_[0] and "triton" in backends:
+            for precision in ("ieee",) if args.dry_run else CONTRASTIVE_PRECISIONS:
+                cells.append((dict(target="loss", mode="fwd+bwd", provider="triton", reg_weight=1.0,
+                                   precision=precision),
+                              at_precision(lambda zs=zs: torch.autograd.grad(
+                                  pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=1.0, backend="triton"),
+                                  zs), precision, device.type)))
         if not args.dry_run:  # the torch composition (torch.linalg.eigh of the Gram matrices): the baseline
             cells.append((dict(target="gram_svd", mode="fwd", provider="torch"),
                           lambda zs=zs: pk.gram_svd(zs, backend="reference")))
@@ -1422,13 +1452,15 @@ def summary_text(summary: dict) -> str:
             lines.append(f"{'':<9}{m:>3} {dt:<9}" + "".join(
                 f"{cell(find(target='gram_svd', provider=p, M=m, dtype=dt, mode=mode))[:w - 1]:<{w}}"
                 for mode, p in gram))
-        loss = [(reg, p) for reg in (0.0, 1.0) for p in kernels + ["recipe"]]
+        # reg1 (with the contrastive term): Triton's kernel in each matmul precision, and the recipe
+        loss = [(0.0, p, None) for p in kernels + ["recipe"]] + \
+            [(1.0, "triton", prec) for prec in CONTRASTIVE_PRECISIONS] + [(1.0, "recipe", None)]
         lines.append(f"{'loss f+b':<9}{'M':>3} {'dtype':<9}" +
-                     "".join(f"{f'reg{reg:.0f}:' + p:<{w}}" for reg, p in loss))
+                     "".join(f"{f'reg{reg:.0f}:' + (prec or p):<{w}}" for reg, p, prec in loss))
         for m, dt in sizes:
             lines.append(f"{'':<9}{m:>3} {dt:<9}" + "".join(
-                f"{cell(find(target='loss', provider=p, M=m, dtype=dt, reg_weight=reg))[:w - 1]:<{w}}"
-                for reg, p in loss))
+                f"{cell(find(target='loss', provider=p, M=m, dtype=dt, reg_weight=reg, precision=prec))[:w - 1]:<{w}}"
+                for reg, p, prec in loss))
     ncu = steps.get("ncu", {})
     if ncu.get("rows"):
         lines += ["", f"ncu on {ncu.get('device')} (B={ncu.get('B')} M={ncu.get('M')} D={ncu.get('D')} "

@@ -283,9 +283,14 @@ def test_summary_of_a_gpu_run_renders_in_60_lines(tmp_path, capsys):
                 for mode in ("fwd", "fwd+bwd"):
                     bench.append(dict(target="gram_svd", mode=mode, provider=be, dtype=dt, M=m, status="ok",
                                       median_ms=1.5, copy_fraction=0.8, device=dev, B=65536, D=512))
-                for reg in (0.0, 1.0):
-                    bench.append(dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=reg, dtype=dt, M=m,
-                                      status="ok", median_ms=2.5, copy_fraction=0.5, device=dev, B=65536, D=512))
+                bench.append(dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=0.0, dtype=dt, M=m,
+                                  status="ok", median_ms=2.5, copy_fraction=0.5, device=dev, B=65536, D=512))
+            for prec, ms in (("ieee", None), ("tf32", 61.5), ("bf16", 33.25)) if m == 4 else ():
+                bench.append(dict(target="loss", mode="fwd+bwd", provider="triton", reg_weight=1.0, precision=prec,
+                                  dtype=dt, M=m, device=dev, B=65536, D=512, **(
+                                      dict(status="ok", median_ms=ms) if ms else
+                                      dict(status="skipped", reason="one call took 2.02 s (cap 2 s)",
+                                           single_call_ms=2020.0))))
             for reg in (0.0, 1.0):
                 bench.append(dict(target="loss", mode="fwd+bwd", provider="recipe", reg_weight=reg, dtype=dt, M=m,
                                   status="skipped", reason="predicted 200.0 s a call from B=256", device=dev,
@@ -303,7 +308,8 @@ def test_summary_of_a_gpu_run_renders_in_60_lines(tmp_path, capsys):
     assert text == (out / "summary.txt").read_text()
     lines = text.splitlines()
     assert len(lines) <= 60, text
-    for needle in ("NVIDIA H200", "bench on NVIDIA H200", "cuda", "triton", "recipe", "skip ~200s",
+    for needle in ("NVIDIA H200", "bench on NVIDIA H200", "cuda", "triton", "recipe", "skip ~200s", "reg1:tf32",
+                   "61.5", "33.2", "2020 once",
                    "ERROR cuda random", "illegal memory access", "ncu on NVIDIA H200", "forward_kernel"):
         assert needle in text, needle
     summary = json.loads((out / "summary.json").read_text())
