@@ -836,10 +836,12 @@ def bench_cell(bencher: Bencher, fn, cap_s: float) -> dict:
         release(torch)
 
 
-# the Triton gram kernels' paths side by side: launch_config's choice ("triton"), the chunked passes alone, and the
-# one pass wherever an instance fits, the fp32 forward too
+# the Triton gram kernels' variants side by side: launch_config's choice ("triton"), the chunked passes alone, the
+# one pass wherever an instance fits (the fp32 forward too), and launch_config's choice at 1 and 2 warps a program
+# (sm_90 without spills at M = 4 and 16 for 2, at M = 4 only for 1)
 TRITON_PATHS = {"triton-chunked": {"RESIDENT_ELEMENTS": 0},
-                "triton-one-pass": {"FORWARD_RESIDENT_MAX_ITEMSIZE": 8}}
+                "triton-one-pass": {"FORWARD_RESIDENT_MAX_ITEMSIZE": 8},
+                "triton-1-warp": {"NUM_WARPS": 1}, "triton-2-warps": {"NUM_WARPS": 2}}
 
 
 def triton_path(fn, provider: str):
@@ -1445,13 +1447,13 @@ def summary_text(summary: dict) -> str:
         sizes = sorted({(r["M"], r["dtype"]) for r in rows}, key=lambda k: (k[0], k[1] != "float32"))
         w = 13
         gram_providers = kernels + list(TRITON_PATHS) * ("triton" in kernels) + ["torch"]
-        gram = [(mode, p) for mode in ("fwd", "fwd+bwd") for p in gram_providers]
-        lines.append(f"{'gram_svd':<9}{'M':>3} {'dtype':<9}" +
-                     "".join(f"{('f+b' if mode == 'fwd+bwd' else mode) + ':' + p:<{w}}" for mode, p in gram))
-        for m, dt in sizes:
-            lines.append(f"{'':<9}{m:>3} {dt:<9}" + "".join(
-                f"{cell(find(target='gram_svd', provider=p, M=m, dtype=dt, mode=mode))[:w - 1]:<{w}}"
-                for mode, p in gram))
+        for mode in ("fwd", "fwd+bwd"):  # one table a mode: providers as columns
+            lines.append(f"{'gram ' + ('f+b' if mode == 'fwd+bwd' else mode):<9}{'M':>3} {'dtype':<9}" +
+                         "".join(f"{p.replace('triton-', 't-'):<{w}}" for p in gram_providers))
+            for m, dt in sizes:
+                lines.append(f"{'':<9}{m:>3} {dt:<9}" + "".join(
+                    f"{cell(find(target='gram_svd', provider=p, M=m, dtype=dt, mode=mode))[:w - 1]:<{w}}"
+                    for p in gram_providers))
         # reg1 (with the contrastive term): Triton's kernel in each matmul precision, and the recipe
         loss = [(0.0, p, None) for p in kernels + ["recipe"]] + \
             [(1.0, "triton", prec) for prec in CONTRASTIVE_PRECISIONS] + [(1.0, "recipe", None)]

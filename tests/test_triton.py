@@ -101,6 +101,26 @@ def test_gram_launch_config_fits_the_register_budget(m, d, direction, itemsize, 
         BLOCK_B=64, BLOCK_D=d_pad if resident else min(d_pad, 512), RESIDENT=resident)
 
 
+def test_gram_launches_take_num_warps(monkeypatch):
+    """Both Gram kernels launch with NUM_WARPS warps (gpu_check times 1 against the default 4)."""
+    seen = []
+
+    class Recorder:
+        def __call__(self, kernel):
+            return self
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs["num_warps"])
+
+    monkeypatch.setattr(triton_gram, "wrap_triton", Recorder())
+    monkeypatch.setattr(triton_gram, "NUM_WARPS", 1)
+    zs = list(torch.randn(8, 3, 16).unbind(1))
+    s, u = torch.rand(8, 3), torch.rand(8, 3, 3)
+    triton_gram.gram_eig_fwd._init_fn(zs, True)
+    triton_gram.gram_eig_bwd._init_fn(zs, s, u, torch.rand(8, 3), torch.rand(8, 16), True)
+    assert seen == [1, 1]
+
+
 def test_gram_launch_config_rejects_a_bad_direction():
     with pytest.raises(ValueError, match="direction"):
         triton_gram.launch_config(4, 512, "sideways", 4)

@@ -51,6 +51,11 @@ RESIDENT_ELEMENTS = 2048
 # 6.34, and the backward was faster one-pass in both (fp32 about 0.75 against 1.6 ms). So the forward takes the
 # one pass only for inputs of at most this many bytes an element, the backward whenever the instance fits.
 FORWARD_RESIDENT_MAX_ITEMSIZE = 2
+# Warps per program of both kernels (Triton's default; the static check's no-spill report is for 4). A program
+# holds one instance at M = 16 and in the one-pass path at M = 4, D = 512, where every masked reduction of the
+# Jacobi solve crosses warps; benchmarks/gpu_check.py also times 1 warp (`triton-1-warp`) to see whether fewer
+# replicas of the solve win there.
+NUM_WARPS = 4
 # fp32 elements of a chunk [BLOCK_B, MP, BLOCK_D] of the chunked passes, which load Z again on each pass (4 warps:
 # 8 a thread): at most 128 registers for M <= 8; 2048 needs up to 162 (the backward at M = 8), otherwise untuned.
 REGISTER_BUDGET = 1024
@@ -364,7 +369,7 @@ def gram_eig_fwd(zs: list[torch.Tensor], normalize: bool) -> tuple[torch.Tensor,
     wrap_triton(_gram_eig_fwd_kernel)[(triton.cdiv(batch, config["BLOCK_B"]),)](
         *_pointer_args(zs), s, u, lead, batch, features, zs[0].stride(0), zs[0].stride(1),
         M=modalities, MP=triton.next_power_of_2(modalities), NORMALIZE=normalize, MAX_SWEEPS=JACOBI_MAX_SWEEPS,
-        **config,
+        num_warps=NUM_WARPS, **config,
     )
     return s, u, lead
 
@@ -389,7 +394,7 @@ def gram_eig_bwd(
         *_pointer_args(zs), s, u, gs, gl, dz,
         batch, features, zs[0].stride(0), zs[0].stride(1), gs.stride(0), gs.stride(1), gl.stride(0), gl.stride(1),
         M=modalities, MP=triton.next_power_of_2(modalities), NORMALIZE=normalize, HAS_GS=grad_s is not None,
-        HAS_GLEAD=grad_lead is not None, **config,
+        HAS_GLEAD=grad_lead is not None, num_warps=NUM_WARPS, **config,
     )
     return dz
 
