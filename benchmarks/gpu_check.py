@@ -462,17 +462,23 @@ def run_combo(torch, pk, combo: dict, device, seed: int) -> dict:
     return {"finite": finite}
 
 
-def cmd_sanitize(args):
-    """The compute-sanitizer driver. --tag names the run (plain, memcheck, synccheck); --dry-run runs the same
-    logic on the CPU with cpp and interpreted Triton and records the sanitizer step as skipped (no GPU)."""
-    name = "sanitizer" if args.dry_run else f"sanitize_{args.tag}"
-    step = Step(args.steps, name, args.budget, margin=2 if args.dry_run else 5)
+def kernel_setup(args):
+    """(torch, pmrl_kernels, the device: the CPU in the dry run, the kernel backends wanted there that are available,
+    those that are not)."""
     torch = _torch()
     import pmrl_kernels as pk  # noqa: PLC0415
     device = torch.device("cpu" if args.dry_run else "cuda")
     wanted = KERNEL_BACKENDS_CPU if args.dry_run else KERNEL_BACKENDS_GPU
     have = pk.available_backends(device.type)
-    backends = [b for b in wanted if b in have]
+    return torch, pk, device, [b for b in wanted if b in have], [b for b in wanted if b not in have]
+
+
+def cmd_sanitize(args):
+    """The compute-sanitizer driver. --tag names the run (plain, memcheck, synccheck); --dry-run runs the same
+    logic on the CPU with cpp and interpreted Triton and records the sanitizer step as skipped (no GPU)."""
+    name = "sanitizer" if args.dry_run else f"sanitize_{args.tag}"
+    step = Step(args.steps, name, args.budget, margin=2 if args.dry_run else 5)
+    torch, pk, device, backends, missing = kernel_setup(args)
     counts = {"cpp": args.sample, "cuda": args.sample, "triton": args.triton_sample or args.sample}
     per_backend = []
     for b in backends:
@@ -483,7 +489,7 @@ def cmd_sanitize(args):
     # interleaved, so a run cut short by its timeout has still covered both backends
     combos = [c for group in itertools.zip_longest(*per_backend) for c in group if c is not None]
     step.data.update(device=device_name(torch, device), tag=args.tag, backends=backends,
-                     missing_backends=[b for b in wanted if b not in have], planned=len(combos), done=0,
+                     missing_backends=missing, planned=len(combos), done=0,
                      failures=[], combos=[])
     for i, combo in enumerate(combos):
         if step.out_of_time():
@@ -567,14 +573,8 @@ def compare_case(torch, pk, x, *, backend, layout, normalize, grad_s_top_only, s
 
 def cmd_correctness(args):
     step = Step(args.steps, "correctness", args.budget, margin=3 if args.dry_run else 8)
-    torch = _torch()
-    import pmrl_kernels as pk  # noqa: PLC0415
-    device = torch.device("cpu" if args.dry_run else "cuda")
+    torch, pk, device, backends, missing = kernel_setup(args)
     dev = device_name(torch, device)
-    wanted = KERNEL_BACKENDS_CPU if args.dry_run else KERNEL_BACKENDS_GPU
-    have = pk.available_backends(device.type)
-    backends = [b for b in wanted if b in have]
-    missing = [b for b in wanted if b not in have]
     step.data.update(device=dev, backends=backends, missing_backends=missing, rows=[], special=[],
                      thresholds=THRESHOLDS, rule=f"pass: err <= threshold or err <= {BASELINE_FACTOR} x err of "
                      "the reference in the kernel's compute dtype; err = ||out-ref||/||ref|| vs float64 reference "
@@ -839,18 +839,18 @@ def bench_cell(bencher: Bencher, fn, cap_s: float) -> dict:
 # the Triton gram kernels' variants side by side: launch_config's choice ("triton"), the chunked passes alone, the
 # one pass wherever an instance fits (the fp32 forward too), and launch_config's choice at 1 and 2 warps a program
 # (sm_90 without spills at M = 4 and 16 for 2, at M = 4 only for 1)
-TRITON_PATHS = {"triton-chunked": {"RESIDENT_ELEMENTS": 0},
+TRITON_VARIANTS = {"triton-chunked": {"RESIDENT_ELEMENTS": 0},
                 "triton-one-pass": {"FORWARD_RESIDENT_MAX_ITEMSIZE": 8},
                 "triton-1-warp": {"NUM_WARPS": 1}, "triton-2-warps": {"NUM_WARPS": 2}}
 
 
-def triton_path(fn, provider: str):
-    """fn run with the Triton gram module's knobs set as TRITON_PATHS[provider] says."""
+def triton_variant(fn, provider: str):
+    """fn run with the Triton gram module's knobs set as TRITON_VARIANTS[provider] says."""
     from pmrl_kernels.ops import triton_gram  # noqa: PLC0415
 
     def run():
-        saved = {k: getattr(triton_gram, k) for k in TRITON_PATHS[provider]}
-        for k, v in TRITON_PATHS[provider].items():
+        saved = {k: getattr(triton_gram, k) for k in TRITON_VARIANTS[provider]}
+        for k, v in TRITON_VARIANTS[provider].items():
             setattr(triton_gram, k, v)
         try:
             return fn()
@@ -884,17 +884,12 @@ def at_precision(fn, precision: str, device_type: str):
 
 def cmd_bench(args):
     step = Step(args.steps, "bench", args.budget, margin=2 if args.dry_run else 5)
-    torch = _torch()
-    import pmrl_kernels as pk  # noqa: PLC0415
-    device = torch.device("cpu" if args.dry_run else "cuda")
+    torch, pk, device, backends, _ = kernel_setup(args)
     dev = device_name(torch, device)
     bencher = Bencher(torch, device)
     copy = copy_gbps_from(args.steps)
     if copy is None:
         copy = measure_copy(torch, device, (64 if args.dry_run else 1024) * 2**20)["copy_gbps"]
-    wanted = KERNEL_BACKENDS_CPU if args.dry_run else KERNEL_BACKENDS_GPU
-    have = pk.available_backends(device.type)
-    backends = [b for b in wanted if b in have]
     if args.dry_run:
         b_size, ms_, d_size, cap, probe_b = 64, (4,), 32, 5.0, 16
     else:
@@ -943,7 +938,7 @@ def cmd_bench(args):
                           lambda be=be, zs=zs, g=(gs, gl): torch.autograd.grad(
                               pk.gram_svd(zs, backend=be)[::2], zs, list(g))))
             if be == "triton":  # the other paths at the same size: which is the faster here?
-                cells += [(dict(c, provider=p), triton_path(fn, p)) for p in TRITON_PATHS for c, fn in cells[-2:]]
+                cells += [(dict(c, provider=p), triton_variant(fn, p)) for p in TRITON_VARIANTS for c, fn in cells[-2:]]
             cells.append((dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=0.0),
                           lambda be=be, zs=zs: torch.autograd.grad(
                               pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=0.0, backend=be), zs)))
@@ -1446,7 +1441,7 @@ def summary_text(summary: dict) -> str:
         kernels = list(bench.get("backends") or KERNEL_BACKENDS_GPU)
         sizes = sorted({(r["M"], r["dtype"]) for r in rows}, key=lambda k: (k[0], k[1] != "float32"))
         w = 13
-        gram_providers = kernels + list(TRITON_PATHS) * ("triton" in kernels) + ["torch"]
+        gram_providers = kernels + list(TRITON_VARIANTS) * ("triton" in kernels) + ["torch"]
         for mode in ("fwd", "fwd+bwd"):  # one table a mode: providers as columns
             lines.append(f"{'gram ' + ('f+b' if mode == 'fwd+bwd' else mode):<9}{'M':>3} {'dtype':<9}" +
                          "".join(f"{p.replace('triton-', 't-'):<{w}}" for p in gram_providers))

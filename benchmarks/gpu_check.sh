@@ -107,6 +107,15 @@ pystep() {
   finish "$name"
 }
 
+append_logs() {  # append_logs DEST BYTES NAME...: the tail of each $WORK/NAME.log that exists, under a header
+  local dest=$1 bytes=$2 f
+  shift 2
+  for f in "$@"; do
+    [[ -f $WORK/$f.log ]] && { echo "===== $f"; tail -c "$bytes" "$WORK/$f.log"; } >>"$dest"
+  done
+  return 0
+}
+
 find_tool() {  # first of: PATH, then the given candidate paths (globs allowed)
   local name=$1 c
   shift
@@ -206,9 +215,7 @@ else
       "$SANITIZER" --tool synccheck --target-processes all --print-limit 100 \
       "${drv[@]}" --tag synccheck --budget $((t_sync - 15))
   fi
-  for f in sanitize_plain memcheck synccheck; do
-    [[ -f $WORK/$f.log ]] && { echo "===== $f"; tail -c 2000000 "$WORK/$f.log"; } >>"$OUT/sanitizer.log"
-  done
+  append_logs "$OUT/sanitizer.log" 2000000 sanitize_plain memcheck synccheck
   finish sanitizer --budget-s "$secs"
 fi
 
@@ -252,9 +259,7 @@ else
   run_timed pytest:triton "$t_triton" "$WORK/pytest_triton.log" "${pt[@]}" tests/test_triton.py
   run_timed pytest:cuda "$(budget pytest $((secs - t_triton)))" "$WORK/pytest_cuda.log" "${pt[@]}" \
     tests/test_conformance.py tests/test_extension.py -k cuda
-  for f in pytest_triton pytest_cuda; do
-    [[ -f $WORK/$f.log ]] && { echo "===== $f"; tail -c 4000000 "$WORK/$f.log"; } >>"$OUT/pytest.log"
-  done
+  append_logs "$OUT/pytest.log" 4000000 pytest_triton pytest_cuda
   finish pytest
 fi
 

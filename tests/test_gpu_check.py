@@ -189,9 +189,9 @@ def test_pytest_log_parsing(tmp_path, text, rc, status, counts):
 def test_triton_variants_set_existing_knobs():
     """Each variant gpu_check times sets knobs that pmrl_kernels.ops.triton_gram has, and puts them back."""
     triton_gram = pytest.importorskip("pmrl_kernels.ops.triton_gram")
-    before = {k: getattr(triton_gram, k) for knobs in gc.TRITON_PATHS.values() for k in knobs}
-    for provider, knobs in gc.TRITON_PATHS.items():
-        seen = gc.triton_path(lambda knobs=knobs: {k: getattr(triton_gram, k) for k in knobs}, provider)()
+    before = {k: getattr(triton_gram, k) for knobs in gc.TRITON_VARIANTS.values() for k in knobs}
+    for provider, knobs in gc.TRITON_VARIANTS.items():
+        seen = gc.triton_variant(lambda knobs=knobs: {k: getattr(triton_gram, k) for k in knobs}, provider)()
         assert seen == knobs, provider
     assert {k: getattr(triton_gram, k) for k in before} == before
 

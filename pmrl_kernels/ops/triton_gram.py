@@ -53,8 +53,8 @@ RESIDENT_ELEMENTS = 2048
 FORWARD_RESIDENT_MAX_ITEMSIZE = 2
 # Warps per program of both kernels (Triton's default; the static check's no-spill report is for 4). A program
 # holds one instance at M = 16 and in the one-pass path at M = 4, D = 512, where every masked reduction of the
-# Jacobi solve crosses warps; benchmarks/gpu_check.py also times 1 warp (`triton-1-warp`) to see whether fewer
-# replicas of the solve win there.
+# Jacobi solve crosses warps; benchmarks/gpu_check.py also times 1 and 2 warps (`triton-1-warp`, `triton-2-warps`)
+# to see whether fewer replicas of the solve win there.
 NUM_WARPS = 4
 # fp32 elements of a chunk [BLOCK_B, MP, BLOCK_D] of the chunked passes, which load Z again on each pass (4 warps:
 # 8 a thread): at most 128 registers for M <= 8; 2048 needs up to 162 (the backward at M = 8), otherwise untuned.
@@ -311,10 +311,9 @@ def launch_config(m_pad: int, d: int, direction: str, itemsize: int) -> dict:
     """BLOCK_B, BLOCK_D and RESIDENT (the passes work on a tile loaded once) of the forward or backward kernel for
     inputs of `itemsize` bytes an element. Resident when an instance's padded tile fits RESIDENT_ELEMENTS (the
     forward only for inputs of at most FORWARD_RESIDENT_MAX_ITEMSIZE bytes), in the interpreter too, so that both
-    paths run there. Compiled: at most 256
-    entries of G (and of V) per program for the Jacobi solve; resident, as many instances as fill
-    RESIDENT_ELEMENTS; chunked, chunks of REGISTER_BUDGET elements (no register spills for sm_90:
-    benchmarks/static_check.py in CI), otherwise untuned. Interpreted: the cost is per operation, not per element,
+    paths run there. Compiled: at most 256 entries of G (and of V) per program for the Jacobi solve; resident, as
+    many instances as fill RESIDENT_ELEMENTS; chunked, chunks of REGISTER_BUDGET elements (no register spills for
+    sm_90: benchmarks/static_check.py in CI), otherwise untuned. Interpreted: the cost is per operation, not per element,
     so 64 instances and, chunked, up to 512 features at a time."""
     d_pad = triton.next_power_of_2(d)
     if direction not in ("forward", "backward"):
