@@ -15,7 +15,9 @@ Subcommands (each writes <steps>/<step>.json; `finish` closes a step and rewrite
   summarize    merge the step files into summary.json, summary.txt and bench.json
 
 Only the public API is used: pmrl_kernels.gram_svd, pmrl_kernels.pmrl_loss, pmrl_kernels.available_backends (and
-the published recipe from pmrl_kernels.baselines, or pmrl_kernels.reference where it used to live).
+the published recipe from pmrl_kernels.baselines, or pmrl_kernels.reference where it used to live), except for the
+sanitizer's gathered-columns contrastive call, which the loss makes only under torch.distributed
+(pmrl_kernels.backends.resolve).
 torch is imported lazily so that `finish`/`summarize` stay fast and work even where torch is broken.
 """
 from __future__ import annotations
@@ -441,7 +443,8 @@ def sanitize_combos(backend: str, n: int, seed: int) -> list[dict]:
 
 
 def run_combo(torch, pk, combo: dict, device, seed: int) -> dict:
-    """gram_svd forward + backward and pmrl_loss forward + backward on one small input."""
+    """gram_svd forward + backward, pmrl_loss forward + backward and the contrastive term against gathered columns
+    on one small input."""
     b, m, d = combo["B"], combo["M"], combo["D"]
     x = seeded_randn(torch, (b, m, d), seed, device, dtype_of(torch, combo["dtype"]))
     if b >= 7:
@@ -456,9 +459,15 @@ def run_combo(torch, pk, combo: dict, device, seed: int) -> dict:
     g1 = torch.autograd.grad([s, lead], wrt, [gs, gl])
     loss = pk.pmrl_loss(emb, tau=TAU, tau_reg=TAU_REG, reg_weight=1.0, **kw)
     g2 = torch.autograd.grad(loss, wrt)
+    # the contrastive term as under torch.distributed: more columns than rows, the rows' targets at an offset
+    rows = lead.detach().requires_grad_()
+    cols = torch.cat([rows.detach().flip(0), rows.detach()]).requires_grad_()
+    contrastive = pk.backends.resolve("contrastive", combo["backend"], (rows, cols))
+    gathered = contrastive(rows, cols, TAU_REG, b)
+    g3 = torch.autograd.grad(gathered.sum(), (rows, cols))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    finite = all(bool(torch.isfinite(t).all()) for t in (s, lead, loss, *g1, *g2))
+    finite = all(bool(torch.isfinite(t).all()) for t in (s, lead, loss, gathered, *g1, *g2, *g3))
     return {"finite": finite}
 
 

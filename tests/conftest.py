@@ -28,6 +28,14 @@ from pmrl_kernels import terms  # noqa: E402
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def pytest_runtest_logreport(report):
+    """Inside benchmarks/gpu_check.sh (PMRL_GPU_CHECK=1) a failure's traceback is printed as soon as the test
+    fails: pytest (and xdist) print them at the end, which a run cut by its time budget never reaches (the H200's
+    second run lost all four that way)."""
+    if report.failed and os.environ.get("PMRL_GPU_CHECK") == "1":
+        print(f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n", file=sys.__stdout__, flush=True)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = "") -> None:
     """allclose that names NaN/Inf and the worst mismatch instead of a bare False."""
     actual = actual.detach().to(torch.float64).cpu()

@@ -209,6 +209,21 @@ def test_pytest_runs_add_up(tmp_path):
     assert data["failures"] == ["FAILED tests/test_a.py::test_b - AssertionError: no"]
 
 
+def test_failures_print_their_traceback_at_once_inside_gpu_check(tmp_path):
+    """A pytest run that gpu_check.sh cuts short still holds the tracebacks of the tests that failed before."""
+    (tmp_path / "conftest.py").write_text(f"from importlib.util import spec_from_file_location, module_from_spec\n"
+                                          f"spec = spec_from_file_location('c', {str(ROOT / 'tests' / 'conftest.py')!r})\n"
+                                          f"c = module_from_spec(spec); spec.loader.exec_module(c)\n"
+                                          f"pytest_runtest_logreport = c.pytest_runtest_logreport\n")
+    (tmp_path / "test_x.py").write_text("import time\n\ndef test_a():\n    assert 1 == 2, 'the reason'\n\n"
+                                        "def test_b():\n    time.sleep(120)\n")
+    env = dict(os.environ, PMRL_GPU_CHECK="1")
+    result = subprocess.run(["timeout", "-s", "KILL", "12", sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                             str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "=== FAILED test_x.py::test_a (call)" in result.stdout and "the reason" in result.stdout, result.stdout
+
+
 # ----------------------------------------------------------------------------------------------- the dry run
 
 @pytest.mark.slow

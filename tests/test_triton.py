@@ -299,6 +299,71 @@ def test_contrastive_two_tiles_both_ways():
     check_contrastive(triton_contrastive.contrastive, DEVICE, 70, 130, 40, False, 0.7, 60)
 
 
+def _nudged(lse):
+    """lse one float32 ulp up or down at random: the backward's logits as a GPU recomputes them. On the H200 ptxas
+    fused s * (1 / tau_reg) - lse into one FMA, so s entered unrounded and s - lse was off by up to half an ulp of s
+    (logits ~110: 4e-6), which the interpreter never does."""
+    up = torch.rand(lse.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    return torch.where(up.to(lse.device), torch.nextafter(lse, torch.full_like(lse, float("inf"))),
+                       torch.nextafter(lse, torch.full_like(lse, -float("inf"))))
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["rows_are_columns", "gathered_columns"])
+def test_contrastive_backward_survives_logits_one_ulp_off(same):
+    """Where the softmax saturates (logits ~110), P_target - 1 = exp(s_target - lse) - 1 cancels: with the logits
+    one rounding off it was 4e-6 instead of ~1e-30 and dL/drows 8e-5 off on the H200. The backward takes it as
+    expm1(-loss) from the forward's loss instead, so recomputed logits only move the other P_ij, relatively."""
+    g = torch.Generator().manual_seed(12)
+    rows = torch.randn(70, 80, generator=g)
+    cols = rows if same else torch.cat([torch.randn(9, 80, generator=g), rows])  # targets: the rows themselves
+    grad = torch.randn(70, generator=g)
+    ops, offset, tau = torch.ops.pmrl_kernels, 0 if same else 9, 0.7
+    loss, lse = ops.triton_contrastive_fwd(rows.to(DEVICE), cols.to(DEVICE), tau, offset, "ieee")
+    if same:
+        grads = [ops.triton_contrastive_sym_bwd(rows.to(DEVICE), _nudged(lse), grad.to(DEVICE), loss, tau, "ieee")]
+    else:
+        grads = list(ops.triton_contrastive_bwd(rows.to(DEVICE), cols.to(DEVICE), _nudged(lse), grad.to(DEVICE),
+                                                loss, tau, offset, "ieee"))
+    expected = []
+    for dtype in (torch.float32, torch.float64):
+        r = rows.to(dtype).requires_grad_()
+        c = r if same else cols.to(dtype).requires_grad_()
+        inputs = (r,) if same else (r, c)
+        expected.append(torch.autograd.grad(terms.contrastive(r, c, tau, offset), inputs, grad.to(dtype)))
+    for name, actual, base, exact in zip(("d rows", "d cols"), grads, *expected):
+        assert_fa_close(actual, exact, base, name, 1e-5)
+
+
+@pytest.mark.parametrize("margin", [30.0, 20.0, 3.0, 0.5, -5.0])
+def test_contrastive_loss_keeps_relative_precision_near_the_optimum(margin):
+    """Each target logit `margin` above the row's largest other logit (the others uniform in [-10, 10]): at
+    margin 20-30 the loss is ~1e-9-1e-13, where logsumexp - s_target is 0 or an ulp of s_target in float32; near
+    3 it crosses the series cut-over of _log1p; at -5 the target is not the maximum. Columns are unit vectors, so
+    the float32 logits are the rows' entries exactly and any error is the softmax's: the loss to 1e-5 relative,
+    its gradient by the accuracy rule, against float64."""
+    g = torch.Generator().manual_seed(8)
+    n, d = 40, 48
+    logits = torch.rand(n, n, generator=g) * 20.0 - 10.0
+    others = logits.masked_fill(torch.eye(n, dtype=torch.bool), -float("inf")).max(1).values
+    logits[range(n), range(n)] = others + margin
+    rows = torch.cat([logits, torch.randn(n, d - n, generator=g)], 1)
+    cols = torch.eye(n, d)
+    grad = torch.randn(n, generator=g)
+    results = []
+    for dtype, device, fn in ((torch.float64, "cpu", terms.contrastive), (torch.float32, "cpu", terms.contrastive),
+                              (torch.float32, DEVICE, triton_contrastive.contrastive)):
+        r = rows.to(device, dtype).requires_grad_()
+        loss = fn(r, cols.to(device, dtype), 1.0)
+        results.append((f64(loss), *torch.autograd.grad(loss, r, grad.to(device, dtype))))
+    (_, exact_grad), (_, base_grad), (loss, d_rows) = results
+    # logsumexp - s_target cancels in float64 too (an ulp of 40 is 7e-15): the loss in its log1p form
+    gaps = f64(logits) - f64(torch.diagonal(logits))[:, None]
+    exact = torch.log1p(gaps.masked_fill(torch.eye(n, dtype=torch.bool), -float("inf")).exp().sum(1))
+    rel = ((loss - exact).abs() / exact).max().item()
+    assert rel < 1e-5, f"loss: relative error {rel:.3g} (smallest loss {exact.min().item():.3g})"
+    assert_fa_close(d_rows, exact_grad, base_grad, "d rows", 1e-5)
+
+
 def test_contrastive_rejects_bad_offset():
     rows = torch.randn(4, 16, device=DEVICE)
     for offset in (3, -1):
@@ -392,8 +457,8 @@ def test_opcheck_on_gpu():
         (ops.triton_gram_eig_bwd, (zs, s, u, torch.randn_like(s), torch.randn_like(lead), True)),
         (ops.triton_gram_eig_bwd, (zs, s, u, None, torch.randn_like(lead), False)),
         (ops.triton_contrastive_fwd, (lead, lead, 0.1, 0, "ieee")),
-        (ops.triton_contrastive_bwd, (lead, lead, lse, torch.randn_like(loss), 0.1, 0, "ieee")),
-        (ops.triton_contrastive_sym_bwd, (lead, lse, torch.randn_like(loss), 0.1, "ieee")),
+        (ops.triton_contrastive_bwd, (lead, lead, lse, torch.randn_like(loss), loss, 0.1, 0, "ieee")),
+        (ops.triton_contrastive_sym_bwd, (lead, lse, torch.randn_like(loss), loss, 0.1, "ieee")),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)

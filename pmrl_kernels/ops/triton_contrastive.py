@@ -3,11 +3,13 @@
 
 loss_i = logsumexp_j(s_ij) - s_i,offset+i with s_ij = rows_i . cols_j / tau_reg (pmrl_kernels.terms.contrastive).
 Forward: each program takes BLOCK_R rows and walks the columns in tiles of BLOCK_C with an online max/sum
-(FlashAttention, Inf-CL); it writes the per-row loss and logsumexp, never the B x N logits. Backward: with
-P_ij = exp(s_ij - lse_i) and dS_ij = g_i (P_ij - [j = offset + i]) / tau_reg,
+(FlashAttention, Inf-CL); it writes the per-row loss and logsumexp, never the B x N logits. The loss is
+log1p(sum over the other columns of exp(s_ij - s_i,target)), so it keeps its relative precision near the optimum.
+Backward: with P_ij = exp(s_ij - lse_i) and dS_ij = g_i (P_ij - [j = offset + i]) / tau_reg,
     d rows = dS cols,  d cols = dS^T rows,
 computed by one kernel launched twice (own rows against column tiles, then own columns against row tiles),
-each recomputing the logits from the saved logsumexp: no atomics, deterministic. When rows and columns are one
+each recomputing the logits from the saved logsumexp: no atomics, deterministic. The target's P - 1 is taken as
+expm1(-loss_i) from the saved loss, not from the recomputed logits, where it would cancel (docs/maths.md). When rows and columns are one
 tensor (the loss on one device), the logits are symmetric and one launch computes d rows + d cols =
 (dS + dS^T) lead from one logits tile per pair: 3 GEMM-equivalents forward and backward instead of 5. A backward program owns
 BLOCK_DO (up to MAX_BLOCK_DO) features of its output: its logits are computed once per tile up to that D, and
@@ -36,13 +38,16 @@ from .triton_common import interpreting, is_available
 __all__ = ["contrastive", "contrastive_unsupported", "is_available"]
 
 # tl.dot needs every dimension >= 16 when compiled (Triton 3.6): small sizes are padded (masked) up to 16.
-# Register use for sm_90 (cuobjdump), 8 warps, no spills: forward 64 x 64 tiles 184; backward 64 x 64 tiles
-# with 128 features 254, 32 x 32 tiles with 512 features 220.
+# Registers for sm_90 with a real launch's specialisation (benchmarks/static_check.py), 8 warps, no spills: forward
+# 98-128; backward 128-180 (64 x 64 tiles with 128 features, 32 x 32 tiles with 512).
 NUM_WARPS = 8
-# D chunk of the logits' reduction, the same forward and backward: the backward's logits are then the
-# forward's bit for bit (same FMA order), so P_ii = exp(s_ii - lse_i) is exactly 1 where the softmax saturates
-# (logits ~100), as in torch's cross-entropy, instead of 1 + a few ulps of s_ii
+# D chunk of the logits' reduction, the same forward and backward, so that the backward's logits are the forward's
+# up to the last rounding. Not to the bit: on the H200 ptxas fused the backward's s * (1 / tau_reg) - lse into one
+# FMA, which the interpreter never does; hence the target's P - 1 from the saved loss (_neg_expm1).
 LOGITS_BLOCK_D = 16
+# Below this |x| the series of _expm1 and _log1p (relative error < 1e-9 there); above, exp(x) - 1 and log(1 + x)
+# lose at most 2 ulp of 1, under 1.3e-6 of the result.
+SERIES_BELOW = tl.constexpr(0.1)
 # Output features a backward program owns: each program computes the logits of its tiles once, so above this
 # the logits are recomputed once per block of features
 MAX_BLOCK_DO = 512
@@ -65,6 +70,25 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _expm1(x):
+    """exp(x) - 1 with relative precision for small |x| (Triton has no expm1)."""
+    small = tl.abs(x) < SERIES_BELOW
+    t = tl.where(small, x, 0.0)  # both branches are evaluated: keep each finite
+    series = t * (1.0 + t / 2.0 * (1.0 + t / 3.0 * (1.0 + t / 4.0 * (1.0 + t / 5.0 * (1.0 + t / 6.0)))))
+    return tl.where(small, series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) with relative precision for small x >= 0 (Triton has no log1p): 2 atanh(x / (2 + x)) by its
+    series there."""
+    w = x / (2.0 + x)
+    w2 = w * w
+    series = 2.0 * w * (1.0 + w2 * (1.0 / 3.0 + w2 * (1.0 / 5.0 + w2 * (1.0 / 7.0))))
+    return tl.where(x < SERIES_BELOW, series, tl.log(1.0 + x))
+
+
+@triton.jit
 def _logits(X, Y, xi, yj, n_x, n_y, D, stride_x, stride_y, inv_tau, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """[len(xi), len(yj)] tile of X[xi] . Y[yj] * inv_tau, reduced over D in chunks of BLOCK_D."""
     acc = tl.zeros((xi.shape[0], yj.shape[0]), tl.float32)
@@ -81,23 +105,37 @@ def _contrastive_fwd_kernel(
     R, C, LOSS, LSE, B, N, D, stride_r, stride_c, inv_tau, offset,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """loss [B] and logsumexp [B] of BLOCK_R rows per program, online over column tiles."""
+    """loss [B] and logsumexp [B] of BLOCK_R rows per program, online over column tiles: the running maximum m
+    and the running sum of exp(s_ij - m) over the columns other than the target; then, with d = m - s_target >= 0,
+    loss = d + log1p(others + expm1(-d)), which is log1p(others) when the target is the maximum."""
     i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    target = offset + i
+    target = tl.where(i < B, offset + i, -1)  # padding rows have none (their target column could be a masked one)
     run_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    run_sum = tl.zeros((BLOCK_R,), tl.float32)
+    others = tl.zeros((BLOCK_R,), tl.float32)
     target_logit = tl.zeros((BLOCK_R,), tl.float32)
     for c0 in range(0, N, BLOCK_C):
         j = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         s = _logits(R, C, i, j, B, N, D, stride_r, stride_c, inv_tau, BLOCK_D, PRECISION)
         s = tl.where(j[None, :] < N, s, float("-inf"))
+        is_target = j[None, :] == target[:, None]
         new_max = tl.maximum(run_max, tl.max(s, 1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
+        p = tl.where(is_target, 0.0, tl.exp(s - new_max[:, None]))
+        others = others * tl.exp(run_max - new_max) + tl.sum(p, 1)
         run_max = new_max
-        target_logit += tl.sum(tl.where(j[None, :] == target[:, None], s, 0.0), 1)
-    lse = run_max + tl.log(run_sum)
-    tl.store(LSE + i, lse, mask=i < B)
-    tl.store(LOSS + i, lse - target_logit, mask=i < B)
+        target_logit += tl.sum(tl.where(is_target, s, 0.0), 1)
+    gap = run_max - target_logit
+    loss = gap + _log1p(others + _expm1(-gap))
+    tl.store(LSE + i, target_logit + loss, mask=i < B)
+    tl.store(LOSS + i, loss, mask=i < B)
+
+
+@triton.jit
+def _row_terms(LSE, LOSS, G, i, n, stride_g):
+    """Of rows i (0 past n): logsumexp, upstream gradient, and P - 1 at the target, exp(-loss) - 1."""
+    ok = i < n
+    lse = tl.load(LSE + i, mask=ok, other=0.0)
+    g = tl.load(G + i * stride_g, mask=ok, other=0.0)
+    return lse, g, _expm1(-tl.load(LOSS + i, mask=ok, other=0.0))
 
 
 # Backward modes: which gradient a program computes.
@@ -106,7 +144,7 @@ ROWS, COLS, SYMMETRIC = 0, 1, 2
 
 @triton.jit
 def _contrastive_bwd_kernel(
-    X, Y, LSE, G, DX, n_x, n_y, D, stride_x, stride_y, stride_g, inv_tau, offset,
+    X, Y, LSE, LOSS, G, DX, n_x, n_y, D, stride_x, stride_y, stride_g, inv_tau, offset,
     MODE: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -115,24 +153,26 @@ def _contrastive_bwd_kernel(
     MODE ROWS: X are the rows (own index i, other index j), DX = d rows. COLS: X are the columns (own index j,
     other index i), DX = d cols; logsumexp and upstream gradient are indexed by the row. SYMMETRIC: rows and
     columns are one tensor (offset 0), DX = d rows + d cols = (dS + dS^T) X from one logits tile: the logits are
-    symmetric, so P_ji = exp(s_ij - lse_j).
+    symmetric, so P_ji = exp(s_ij - lse_j). The target's P - 1 is expm1(-loss) of its row.
     """
     xo = tl.program_id(0).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
     do = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    lse_x = tl.load(LSE + xo, mask=xo < n_x, other=0.0)
-    g_x = tl.load(G + xo * stride_g, mask=xo < n_x, other=0.0)
+    lse_x, g_x, hit_x = 0.0, 0.0, 0.0
+    if MODE != 1:  # X are rows (in COLS they are columns, which may outnumber the rows' lse, loss and g)
+        lse_x, g_x, hit_x = _row_terms(LSE, LOSS, G, xo, n_x, stride_g)
     acc = tl.zeros((BLOCK_X, BLOCK_DO), tl.float32)
     for y0 in range(0, n_y, BLOCK_Y):
         yo = y0 + tl.arange(0, BLOCK_Y).to(tl.int64)
         s = _logits(X, Y, xo, yo, n_x, n_y, D, stride_x, stride_y, inv_tau, BLOCK_D, PRECISION)
         if MODE == 0:
-            ds = g_x[:, None] * (tl.exp(s - lse_x[:, None]) - (yo[None, :] == offset + xo[:, None]).to(tl.float32))
+            hit = yo[None, :] == offset + xo[:, None]
+            ds = g_x[:, None] * tl.where(hit, hit_x[:, None], tl.exp(s - lse_x[:, None]))
         else:
-            lse_y = tl.load(LSE + yo, mask=yo < n_y, other=0.0)
-            g_y = tl.load(G + yo * stride_g, mask=yo < n_y, other=0.0)
-            ds = g_y[None, :] * (tl.exp(s - lse_y[None, :]) - (xo[:, None] == offset + yo[None, :]).to(tl.float32))
+            lse_y, g_y, hit_y = _row_terms(LSE, LOSS, G, yo, n_y, stride_g)
+            hit = xo[:, None] == offset + yo[None, :]
+            ds = g_y[None, :] * tl.where(hit, hit_y[None, :], tl.exp(s - lse_y[None, :]))
             if MODE == 2:
-                ds += g_x[:, None] * (tl.exp(s - lse_x[:, None]) - (yo[None, :] == xo[:, None]).to(tl.float32))
+                ds += g_x[:, None] * tl.where(hit, hit_x[:, None], tl.exp(s - lse_x[:, None]))
         ds = tl.where((xo[:, None] < n_x) & (yo[None, :] < n_y), ds, 0.0)
         y = tl.load(Y + yo[:, None] * stride_y + do[None, :], mask=(yo[:, None] < n_y) & (do[None, :] < D), other=0.0)
         acc = _dot(ds, y, acc, PRECISION)
@@ -193,40 +233,42 @@ def contrastive_fwd(
     return loss, lse
 
 
-def _launch_bwd(x, y, lse, grad_loss, dx, tau_reg, offset, mode, precision):
+def _launch_bwd(x, y, lse, loss, grad_loss, dx, tau_reg, offset, mode, precision):
     n_x, n_y, features = x.shape[0], y.shape[0], x.shape[1]
     config = bwd_config(n_x, n_y, features)
     grid = (triton.cdiv(n_x, config["BLOCK_X"]), triton.cdiv(features, config["BLOCK_DO"]))
     wrap_triton(_contrastive_bwd_kernel)[grid](
-        x, y, lse, grad_loss, dx, n_x, n_y, features, x.stride(0), y.stride(0), grad_loss.stride(0),
+        x, y, lse, loss, grad_loss, dx, n_x, n_y, features, x.stride(0), y.stride(0), grad_loss.stride(0),
         1.0 / tau_reg, offset, MODE=mode, PRECISION=precision, **config,
     )
 
 
 @triton_op("pmrl_kernels::triton_contrastive_bwd", mutates_args=())
 def contrastive_bwd(
-    rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, tau_reg: float, offset: int,
-    precision: str,
+    rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, loss: torch.Tensor,
+    tau_reg: float, offset: int, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d rows [B, D], d cols [N, D]) in float32, given the forward's logsumexp and dL/dloss [B]: two launches,
-    each recomputing its logits (4 GEMM-equivalents), no atomics."""
+    """(d rows [B, D], d cols [N, D]) in float32, given the forward's logsumexp and loss and dL/dloss [B]: two
+    launches, each recomputing its logits (4 GEMM-equivalents), no atomics."""
     _check_precision(precision)
     d_rows = torch.empty_like(rows)
     d_cols = torch.empty_like(cols)
-    _launch_bwd(rows, cols, lse, grad_loss, d_rows, tau_reg, offset, ROWS, precision)
-    _launch_bwd(cols, rows, lse, grad_loss, d_cols, tau_reg, offset, COLS, precision)
+    _launch_bwd(rows, cols, lse, loss, grad_loss, d_rows, tau_reg, offset, ROWS, precision)
+    _launch_bwd(cols, rows, lse, loss, grad_loss, d_cols, tau_reg, offset, COLS, precision)
     return d_rows, d_cols
 
 
 @triton_op("pmrl_kernels::triton_contrastive_sym_bwd", mutates_args=())
 def contrastive_sym_bwd(
-    lead: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, tau_reg: float, precision: str
+    lead: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, loss: torch.Tensor, tau_reg: float,
+    precision: str,
 ) -> torch.Tensor:
-    """d lead [B, D] in float32 when rows and columns are the same tensor (offset 0): d rows + d cols in one
-    launch from one logits tile per pair (2 GEMM-equivalents), no separate add."""
+    """d lead [B, D] in float32 when rows and columns are the same tensor (offset 0), given the forward's
+    logsumexp and loss: d rows + d cols in one launch from one logits tile per pair (2 GEMM-equivalents), no
+    separate add."""
     _check_precision(precision)
     d_lead = torch.empty_like(lead)
-    _launch_bwd(lead, lead, lse, grad_loss, d_lead, tau_reg, 0, SYMMETRIC, precision)
+    _launch_bwd(lead, lead, lse, loss, grad_loss, d_lead, tau_reg, 0, SYMMETRIC, precision)
     return d_lead
 
 
@@ -234,16 +276,16 @@ class _Contrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int, precision: str):
         loss, lse = torch.ops.pmrl_kernels.triton_contrastive_fwd(rows, cols, tau_reg, offset, precision)
-        ctx.save_for_backward(rows, cols, lse)
+        ctx.save_for_backward(rows, cols, lse, loss)
         ctx.tau_reg, ctx.offset, ctx.precision = tau_reg, offset, precision
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        rows, cols, lse = ctx.saved_tensors
+        rows, cols, lse, loss = ctx.saved_tensors
         d_rows, d_cols = torch.ops.pmrl_kernels.triton_contrastive_bwd(
-            rows, cols, lse, grad_loss, ctx.tau_reg, ctx.offset, ctx.precision
+            rows, cols, lse, grad_loss, loss, ctx.tau_reg, ctx.offset, ctx.precision
         )
         return d_rows, d_cols, None, None, None
 
@@ -252,15 +294,17 @@ class _SymmetricContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lead: torch.Tensor, tau_reg: float, precision: str):
         loss, lse = torch.ops.pmrl_kernels.triton_contrastive_fwd(lead, lead, tau_reg, 0, precision)
-        ctx.save_for_backward(lead, lse)
+        ctx.save_for_backward(lead, lse, loss)
         ctx.tau_reg, ctx.precision = tau_reg, precision
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        lead, lse = ctx.saved_tensors
-        return torch.ops.pmrl_kernels.triton_contrastive_sym_bwd(lead, lse, grad_loss, ctx.tau_reg, ctx.precision), None, None
+        lead, lse, loss = ctx.saved_tensors
+        d_lead = torch.ops.pmrl_kernels.triton_contrastive_sym_bwd(lead, lse, grad_loss, loss, ctx.tau_reg,
+                                                                   ctx.precision)
+        return d_lead, None, None
 
 
 def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
