@@ -846,11 +846,13 @@ def bench_cell(bencher: Bencher, fn, cap_s: float) -> dict:
 
 
 # the Triton gram kernels' variants side by side: launch_config's choice ("triton"), the chunked passes alone, the
-# one pass wherever an instance fits (the fp32 forward too), and launch_config's choice at 1 and 2 warps a program
-# (sm_90 without spills at M = 4 and 16 for 2, at M = 4 only for 1)
+# one pass wherever an instance fits (the fp32 forward too), launch_config's choice at 1 and 2 warps a program
+# (sm_90 without spills at M = 4 and 16 for 2, at M = 4 only for 1), and the forward's Jacobi sweeps in either
+# ordering at every M ("triton" takes the cyclic one up to CYCLIC_JACOBI_MAX_M, the parallel one above)
 TRITON_VARIANTS = {"triton-chunked": {"RESIDENT_ELEMENTS": 0},
                 "triton-one-pass": {"FORWARD_RESIDENT_MAX_ITEMSIZE": 8},
-                "triton-1-warp": {"NUM_WARPS": 1}, "triton-2-warps": {"NUM_WARPS": 2}}
+                "triton-1-warp": {"NUM_WARPS": 1}, "triton-2-warps": {"NUM_WARPS": 2},
+                "triton-cyclic": {"CYCLIC_JACOBI_MAX_M": 16}, "triton-parallel": {"CYCLIC_JACOBI_MAX_M": 0}}
 
 
 def triton_variant(fn, provider: str):

@@ -16,7 +16,10 @@ from pmrl_kernels import backends, pmrl_loss, reference, terms
 from pmrl_kernels.constants import MAX_MODALITIES, MIN_MODALITIES
 
 triton_gram = pytest.importorskip("pmrl_kernels.ops.triton_gram")
-from pmrl_kernels.ops import triton_common, triton_contrastive  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from pmrl_kernels.ops import triton_common, triton_contrastive, triton_instance  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETING = triton_common.interpreting()
@@ -279,6 +282,62 @@ def test_gram_paths_agree_bit_for_bit(case, monkeypatch):
     for on_registers, chunked in zip(outputs[True], outputs[False]):
         for name, a, e in zip(("S", "U", "lead", "dz"), on_registers, chunked):
             assert torch.equal(a, e), name
+
+
+JACOBI_ORDER_CASES = {
+    **{name: z for name, z in degenerate_cases().items() if name != "near_tie_init"},  # rank-1, ties, zero rows, ..
+    "m3": correlated(20, 3, 24, seed=41, dtype=torch.float64),
+    "m9": correlated(12, 9, 40, seed=43, dtype=torch.float64),
+    "m16": correlated(8, 16, 40, seed=47, dtype=torch.float64),
+    "m16_d_less_than_m": correlated(8, 16, 5, seed=53, dtype=torch.float64),  # ten zero eigenvalues
+}
+
+
+@pytest.mark.parametrize("ordering", ["cyclic", "parallel"])
+@pytest.mark.parametrize("case", list(JACOBI_ORDER_CASES))
+def test_jacobi_orderings_match_the_reference(case, ordering, monkeypatch):
+    """The forward's two Jacobi orderings (triton_gram.CYCLIC_JACOBI_MAX_M picks), each forced at every M, on
+    degenerate input and up to M = 16: S, U, lead and dL/dz against the float64 reference (the conformance suite's
+    checks)."""
+    from test_conformance import check_gram_eig
+
+    monkeypatch.setattr(triton_gram, "CYCLIC_JACOBI_MAX_M", MAX_MODALITIES if ordering == "cyclic" else 0)
+    z = JACOBI_ORDER_CASES[case].to(DEVICE, torch.float32)
+    zs = [t.requires_grad_() for t in z.unbind(1)]
+    for normalize in (True, False):
+        check_gram_eig("triton", zs, normalize)
+
+
+def test_forward_takes_the_parallel_ordering_above_m_8(monkeypatch):
+    """The launcher's choice (README, docs/maths.md "Sweep ordering"): cyclic up to M = 8, parallel above."""
+    launches = []
+
+    class _Grid:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(triton_gram, "wrap_triton", lambda kernel: _Grid())
+    for m in (2, 8, 9, 16):
+        triton_gram.gram_eig_fwd._init_fn([torch.randn(4, 8) for _ in range(m)], True)
+    assert [kw["PARALLEL_JACOBI"] for kw in launches] == [False, False, True, True]
+
+
+@triton.jit
+def _partners_kernel(OUT, MP: tl.constexpr):
+    for rnd in range(MP - 1):
+        tl.store(OUT + rnd * MP + tl.arange(0, MP), triton_instance.partners(rnd, MP))
+
+
+def test_round_robin_meets_every_pair_once():
+    """partners(rnd) over the MP - 1 rounds: a perfect matching each round, every pair met exactly once."""
+    for mp in (2, 4, 8, 16):
+        out = torch.full((mp - 1, mp), -1, dtype=torch.int32, device=DEVICE)
+        _partners_kernel[(1,)](out, MP=mp)
+        met = set()
+        for row in out.cpu().tolist():
+            assert sorted(row) == list(range(mp)) and all(row[row[i]] == i != row[i] for i in range(mp)), (mp, row)
+            met |= {(min(i, j), max(i, j)) for i, j in enumerate(row)}
+        assert met == {(i, j) for i in range(mp) for j in range(i + 1, mp)}, mp
 
 
 # ----------------------------------------------------------------------------------------------- contrastive kernel

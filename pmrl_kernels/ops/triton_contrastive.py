@@ -9,9 +9,10 @@ Backward: with P_ij = exp(s_ij - lse_i) and dS_ij = g_i (P_ij - [j = offset + i]
     d rows = dS cols,  d cols = dS^T rows,
 computed by one kernel launched twice (own rows against column tiles, then own columns against row tiles),
 each recomputing the logits from the saved logsumexp: no atomics, deterministic. The target's P - 1 is taken as
-expm1(-loss_i) from the saved loss, not from the recomputed logits, where it would cancel (docs/maths.md). When rows and columns are one
-tensor (the loss on one device), the logits are symmetric and one launch computes d rows + d cols =
-(dS + dS^T) lead from one logits tile per pair: 3 GEMM-equivalents forward and backward instead of 5. A backward program owns
+expm1(-loss_i) from the saved loss, not from the recomputed logits, where it would cancel (docs/maths.md). When
+rows and columns are one tensor (the loss on one device), the logits are symmetric and one launch computes
+d rows + d cols = (dS + dS^T) lead from one logits tile per pair: 3 GEMM-equivalents forward and backward instead
+of 5. A backward program owns
 BLOCK_DO (up to MAX_BLOCK_DO) features of its output: its logits are computed once per tile up to that D, and
 once per block of features above it, so the accumulator fits in registers for any D.
 
@@ -43,10 +44,10 @@ __all__ = ["contrastive", "contrastive_unsupported", "is_available"]
 NUM_WARPS = 8
 # D chunk of the logits' reduction, the same forward and backward, so that the backward's logits are the forward's
 # up to the last rounding. Not to the bit: on the H200 ptxas fused the backward's s * (1 / tau_reg) - lse into one
-# FMA, which the interpreter never does; hence the target's P - 1 from the saved loss (_neg_expm1).
+# FMA, which the interpreter never does; hence the target's P - 1 from the saved loss (_row_terms).
 LOGITS_BLOCK_D = 16
 # Below this |x| the series of _expm1 and _log1p (relative error < 1e-9 there); above, exp(x) - 1 and log(1 + x)
-# lose at most 2 ulp of 1, under 1.3e-6 of the result.
+# lose a few ulp of 1, under 3e-6 of the result.
 SERIES_BELOW = tl.constexpr(0.1)
 # Output features a backward program owns: each program computes the logits of its tiles once, so above this
 # the logits are recomputed once per block of features

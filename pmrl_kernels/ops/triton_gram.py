@@ -33,7 +33,8 @@ from ..constants import JACOBI_MAX_SWEEPS, MAX_MODALITIES, MIN_MODALITIES
 from .triton_common import interpreting, is_available
 from .triton_instance import (
     FLT_MAX, TINY, backward_coefficients, canonical_sign, diagonal, entry, gram_needs_rescale, inverse_norms,
-    jacobi_rotate, non_finite, row_scales, scale_for, tile_gram, tile_magnitudes, tile_product, unconverged,
+    jacobi_rotate, jacobi_round, non_finite, row_scales, scale_for, tile_gram, tile_magnitudes, tile_product,
+    unconverged,
 )
 
 __all__ = ["gram_eig", "gram_eig_unsupported", "is_available"]
@@ -56,6 +57,16 @@ FORWARD_RESIDENT_MAX_ITEMSIZE = 2
 # Jacobi solve crosses warps; benchmarks/gpu_check.py also times 1 and 2 warps (`triton-1-warp`, `triton-2-warps`)
 # to see whether fewer replicas of the solve win there.
 NUM_WARPS = 4
+# The forward's Jacobi sweeps: up to this M the cyclic ordering (M (M - 1) / 2 rotations one after the other, each
+# a handful of masked reductions over the M x M block), above it the parallel one (MP - 1 rounds of MP / 2 disjoint
+# rotations, each round a few gathers). Counted in the PTX for sm_90 (fp32, D = 512: instructions from a loop's
+# label to its back-edge, times the trips), a sweep takes 36000 instructions and 1200 barriers cyclic against 3500
+# and 180 parallel at M = 16, where the cyclic solve bounded the H200's forward (114 ms at B = 65536, D = 512); about
+# as many sweeps either way (float32 emulation, 40 random instances: 5.6 at M = 16). At M = 4 and 8 the parallel
+# sweep is shorter too (620 against 1390, 1600 against 7600), but there it changes ptxas's register allocation (an
+# 8-byte spill at M = 7, D = 129), and the cyclic kernels are the ones that ran on the H200, so they stay until
+# benchmarks/gpu_check.py's `triton-cyclic` and `triton-parallel` rows have measured both.
+CYCLIC_JACOBI_MAX_M = 8
 # fp32 elements of a chunk [BLOCK_B, MP, BLOCK_D] of the chunked passes, which load Z again on each pass (4 warps:
 # 8 a thread): at most 128 registers for M <= 8; 2048 needs up to 162 (the backward at M = 8), otherwise untuned.
 REGISTER_BUDGET = 1024
@@ -162,7 +173,7 @@ def _gram_eig_fwd_kernel(
     S, U, LEAD,
     B, D, stride_b, stride_d,
     M: tl.constexpr, MP: tl.constexpr, NORMALIZE: tl.constexpr, RESIDENT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SWEEPS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SWEEPS: tl.constexpr, PARALLEL_JACOBI: tl.constexpr,
 ):
     """S [B, M], U [B, M, M], lead [B, D] (fp32, contiguous) of BLOCK_B instances per program."""
     zs = (Z0, Z1, Z2, Z3, Z4, Z5, Z6, Z7, Z8, Z9, Z10, Z11, Z12, Z13, Z14, Z15)
@@ -202,9 +213,13 @@ def _gram_eig_fwd_kernel(
     v = tl.where(bad, float("nan"), tl.where(row == col, 1.0, 0.0))
     sweep = 0
     while (sweep < MAX_SWEEPS) & unconverged(g, MP):
-        for p in range(M - 1):
-            for q in range(p + 1, M):
-                g, v = jacobi_rotate(g, v, p, q, MP)
+        if PARALLEL_JACOBI:
+            for rnd in range(MP - 1):
+                g, v = jacobi_round(g, v, rnd, MP)
+        else:
+            for p in range(M - 1):
+                for q in range(p + 1, M):
+                    g, v = jacobi_rotate(g, v, p, q, MP)
         sweep += 1
     bad = non_finite(g) | non_finite(v)
 
@@ -368,7 +383,7 @@ def gram_eig_fwd(zs: list[torch.Tensor], normalize: bool) -> tuple[torch.Tensor,
     wrap_triton(_gram_eig_fwd_kernel)[(triton.cdiv(batch, config["BLOCK_B"]),)](
         *_pointer_args(zs), s, u, lead, batch, features, zs[0].stride(0), zs[0].stride(1),
         M=modalities, MP=triton.next_power_of_2(modalities), NORMALIZE=normalize, MAX_SWEEPS=JACOBI_MAX_SWEEPS,
-        num_warps=NUM_WARPS, **config,
+        PARALLEL_JACOBI=modalities > CYCLIC_JACOBI_MAX_M, num_warps=NUM_WARPS, **config,
     )
     return s, u, lead
 

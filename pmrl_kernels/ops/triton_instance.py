@@ -116,19 +116,12 @@ def inverse_norms(graw, r, NORMALIZE: tl.constexpr, MP: tl.constexpr):
 
 
 @triton.jit
-def jacobi_rotate(g, v, p, q, MP: tl.constexpr):
-    """One Jacobi rotation zeroing G_pq of every instance (Numerical Recipes' formulas), applied to G and V."""
-    i = tl.arange(0, MP)
-    row = i[None, :, None]
-    col = i[None, None, :]
-    jv = i[None, :]
-    gp = tl.sum(tl.where(row == p, g, 0.0), 1)  # row p of G, indexed by column
-    gq = tl.sum(tl.where(row == q, g, 0.0), 1)
-    app = tl.sum(tl.where(jv == p, gp, 0.0), 1)
-    apq = tl.sum(tl.where(jv == q, gp, 0.0), 1)
-    aqq = tl.sum(tl.where(jv == q, gq, 0.0), 1)
-    # the solver's rotation test and angle, as csrc/include/pmrl/eigen.h: rotate only while
-    # a_pq^2 > tol^2 |a_pp a_qq| (relative, so small eigenvalues keep their accuracy); theta^2 cannot overflow
+def rotation(app, aqq, apq):
+    """(rotate, t, c, s) of the Jacobi rotation zeroing a_pq (Numerical Recipes' formulas), elementwise.
+
+    The solver's rotation test and angle, as csrc/include/pmrl/eigen.h: rotate only while
+    a_pq^2 > tol^2 |a_pp a_qq| (relative, so small eigenvalues keep their accuracy); theta^2 cannot overflow.
+    Not rotated: t = s = 0, c = 1."""
     rotate = tl.abs(apq) * tl.abs(apq) > (JACOBI_TOL * tl.abs(app)) * (JACOBI_TOL * tl.abs(aqq))
     theta = (aqq - app) / tl.where(rotate, 2.0 * apq, 1.0)
     at = tl.abs(theta)
@@ -138,7 +131,22 @@ def jacobi_rotate(g, v, p, q, MP: tl.constexpr):
     t = tl.where(theta >= 0.0, 1.0, -1.0) / (at + root)
     t = tl.where(rotate, t, 0.0)
     c = 1.0 / tl.sqrt_rn(t * t + 1.0)
-    s = t * c
+    return rotate, t, c, t * c
+
+
+@triton.jit
+def jacobi_rotate(g, v, p, q, MP: tl.constexpr):
+    """One Jacobi rotation zeroing G_pq of every instance, applied to G and V (the cyclic ordering's step)."""
+    i = tl.arange(0, MP)
+    row = i[None, :, None]
+    col = i[None, None, :]
+    jv = i[None, :]
+    gp = tl.sum(tl.where(row == p, g, 0.0), 1)  # row p of G, indexed by column
+    gq = tl.sum(tl.where(row == q, g, 0.0), 1)
+    app = tl.sum(tl.where(jv == p, gp, 0.0), 1)
+    apq = tl.sum(tl.where(jv == q, gp, 0.0), 1)
+    aqq = tl.sum(tl.where(jv == q, gq, 0.0), 1)
+    rotate, t, c, s = rotation(app, aqq, apq)
     new_p = c[:, None] * gp - s[:, None] * gq
     new_q = s[:, None] * gp + c[:, None] * gq
     # the 2 x 2 block exactly: rotated diagonal, G_pq = 0 (not its rounding residue); kept when not rotated
@@ -151,6 +159,49 @@ def jacobi_rotate(g, v, p, q, MP: tl.constexpr):
     vq = column(v, q, MP)
     v = tl.where(col == p, (c[:, None] * vp - s[:, None] * vq)[:, :, None], v)
     v = tl.where(col == q, (s[:, None] * vp + c[:, None] * vq)[:, :, None], v)
+    return g, v
+
+
+@triton.jit
+def partners(rnd, MP: tl.constexpr):
+    """[MP] the partner of each index in round rnd of the round-robin (circle) ordering: index MP - 1 meets rnd,
+    the others i meet (2 rnd - i) mod (MP - 1). Its MP - 1 rounds of MP / 2 disjoint pairs meet every pair once."""
+    i = tl.arange(0, MP)
+    n = MP - 1
+    other = (2 * rnd - i + 2 * n) % n  # kept >= 0: % rounds differently in the interpreter and compiled
+    return tl.where(i == n, rnd, tl.where(other == i, n, other))
+
+
+@triton.jit
+def jacobi_round(g, v, rnd, MP: tl.constexpr):
+    """Round rnd of the parallel ordering: the MP / 2 disjoint rotations of partners(rnd) at once, applied to G and
+    V as J^T G J and V J; each pair's rotation as jacobi_rotate's. Row and column i meet their partner's through
+    a gather (no masked reduction a rotation), so a sweep takes MP - 1 of these instead of M (M - 1) / 2
+    rotations. Pairs with a padding index have a_pq = 0 and are not rotated."""
+    i = tl.arange(0, MP)
+    pi = partners(rnd, MP)
+    row = i[None, :, None]
+    col = i[None, None, :]
+    at_partner = col == pi[None, :, None]  # entry (i, pi(i))
+    is_p = (i < pi)[None, :]  # row i plays p of its pair, its partner q
+    d = diagonal(g, MP)
+    d_pi = tl.sum(tl.where(at_partner, d[:, None, :], 0.0), 2)  # d[pi(i)]
+    apq = tl.sum(tl.where(at_partner, g, 0.0), 2)  # G[i, pi(i)]
+    app = tl.where(is_p, d, d_pi)
+    aqq = tl.where(is_p, d_pi, d)
+    rotate, t, c, s = rotation(app, aqq, apq)
+    sigma = tl.where(is_p, -s, s)  # row p: c g_p - s g_q; row q: c g_q + s g_p
+    rows = tl.broadcast_to(pi[None, :, None], g.shape)
+    cols = tl.broadcast_to(pi[None, None, :], g.shape)
+    g = c[:, :, None] * g + sigma[:, :, None] * tl.gather(g, rows, 1)
+    g = c[:, None, :] * g + sigma[:, None, :] * tl.gather(g, cols, 2)
+    # G_ij and G_ji of different pairs were rounded in another order: the upper triangle, mirrored, keeps G
+    # exactly symmetric (as the cyclic ordering does), so both rows of a pair compute the same rotation
+    g = tl.where(row > col, tl.permute(g, (0, 2, 1)), g)
+    # each 2 x 2 block exactly: rotated diagonal, G_pq = 0 (not its rounding residue); kept when not rotated
+    g = tl.where(row == col, tl.where(is_p, app - t * apq, aqq + t * apq)[:, :, None],
+                 tl.where(at_partner, tl.where(rotate, 0.0, apq)[:, :, None], g))
+    v = c[:, None, :] * v + sigma[:, None, :] * tl.gather(v, cols, 2)
     return g, v
 
 
