@@ -855,20 +855,35 @@ TRITON_VARIANTS = {"triton-chunked": {"RESIDENT_ELEMENTS": 0},
                 "triton-cyclic": {"CYCLIC_JACOBI_MAX_M": 16}, "triton-parallel": {"CYCLIC_JACOBI_MAX_M": 0}}
 
 
-def triton_variant(fn, provider: str):
-    """fn run with the Triton gram module's knobs set as TRITON_VARIANTS[provider] says."""
-    from pmrl_kernels.ops import triton_gram  # noqa: PLC0415
+# the contrastive kernels' variants, timed at IEEE fp32 (the precision 10x off its floor on the H200): the logits
+# reduced over 32 features a step instead of 16, 128 x 128 forward tiles (255 registers, no spill for sm_90), and
+# the backward's 64 x 64 tiles over 128 features a program instead of 32 x 32 over 512 (more logits recomputed, each
+# on tiles with 4x the reuse). 4 warps a program spills 1.4 KB in the backward: not timed.
+CONTRASTIVE_VARIANTS = {"triton-k32": {"LOGITS_BLOCK_D": 32}, "triton-fwd-128": {"FWD_TILE": 128},
+                        "triton-bwd-64": {"MAX_BLOCK_DO": 128}}
 
+
+def with_knobs(fn, module, knobs: dict):
+    """fn run with the module's knobs (module-level constants its launchers read) set to knobs, then put back."""
     def run():
-        saved = {k: getattr(triton_gram, k) for k in TRITON_VARIANTS[provider]}
-        for k, v in TRITON_VARIANTS[provider].items():
-            setattr(triton_gram, k, v)
+        saved = {k: getattr(module, k) for k in knobs}
+        for k, v in knobs.items():
+            setattr(module, k, v)
         try:
             return fn()
         finally:
             for k, v in saved.items():
-                setattr(triton_gram, k, v)
+                setattr(module, k, v)
     return run
+
+
+def triton_variant(fn, provider: str):
+    """fn run with the Triton module's knobs set as TRITON_VARIANTS or CONTRASTIVE_VARIANTS[provider] says."""
+    from pmrl_kernels.ops import triton_contrastive, triton_gram  # noqa: PLC0415
+
+    if provider in CONTRASTIVE_VARIANTS:
+        return with_knobs(fn, triton_contrastive, CONTRASTIVE_VARIANTS[provider])
+    return with_knobs(fn, triton_gram, TRITON_VARIANTS[provider])
 
 
 # the contrastive term's matmul precision, as torch would choose it: float32_matmul_precision "highest" (IEEE fp32),
@@ -956,12 +971,17 @@ def cmd_bench(args):
         # the B x B contrastive term is Triton's under every backend on CUDA and does not depend on M: once, at the
         # first M, in each precision torch would use for its matmul (CPU dry run: IEEE only)
         if m == ms_[0] and "triton" in backends:
+            def loss_reg1(zs=zs):
+                return torch.autograd.grad(
+                    pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=1.0, backend="triton"), zs)
+
             for precision in ("ieee",) if args.dry_run else CONTRASTIVE_PRECISIONS:
                 cells.append((dict(target="loss", mode="fwd+bwd", provider="triton", reg_weight=1.0,
-                                   precision=precision),
-                              at_precision(lambda zs=zs: torch.autograd.grad(
-                                  pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=1.0, backend="triton"),
-                                  zs), precision, device.type)))
+                                   precision=precision), at_precision(loss_reg1, precision, device.type)))
+            if not args.dry_run:
+                cells += [(dict(target="loss", mode="fwd+bwd", provider=p, reg_weight=1.0, precision="ieee"),
+                           at_precision(triton_variant(loss_reg1, p), "ieee", device.type))
+                          for p in CONTRASTIVE_VARIANTS]
         if not args.dry_run:  # the torch composition (torch.linalg.eigh of the Gram matrices): the baseline
             cells.append((dict(target="gram_svd", mode="fwd", provider="torch"),
                           lambda zs=zs: pk.gram_svd(zs, backend="reference")))
@@ -1462,9 +1482,11 @@ def summary_text(summary: dict) -> str:
                     for p in gram_providers))
         # reg1 (with the contrastive term): Triton's kernel in each matmul precision, and the recipe
         loss = [(0.0, p, None) for p in kernels + ["recipe"]] + \
-            [(1.0, "triton", prec) for prec in CONTRASTIVE_PRECISIONS] + [(1.0, "recipe", None)]
-        lines.append(f"{'loss f+b':<9}{'M':>3} {'dtype':<9}" +
-                     "".join(f"{f'reg{reg:.0f}:' + (prec or p):<{w}}" for reg, p, prec in loss))
+            [(1.0, "triton", prec) for prec in CONTRASTIVE_PRECISIONS] + \
+            [(1.0, p, "ieee") for p in CONTRASTIVE_VARIANTS] + [(1.0, "recipe", None)]
+        lines.append(f"{'loss f+b':<9}{'M':>3} {'dtype':<9}" + "".join(
+            f"{f'reg{reg:.0f}:' + (prec if p == 'triton' and prec else p.replace('triton-', 't-')):<{w}}"
+            for reg, p, prec in loss))
         for m, dt in sizes:
             lines.append(f"{'':<9}{m:>3} {dt:<9}" + "".join(
                 f"{cell(find(target='loss', provider=p, M=m, dtype=dt, reg_weight=reg, precision=prec))[:w - 1]:<{w}}"

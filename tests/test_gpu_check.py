@@ -186,14 +186,16 @@ def test_pytest_log_parsing(tmp_path, text, rc, status, counts):
     assert len(data["failures"]) == counts.get("failed", 0)
 
 
-def test_triton_variants_set_existing_knobs():
-    """Each variant gpu_check times sets knobs that pmrl_kernels.ops.triton_gram has, and puts them back."""
-    triton_gram = pytest.importorskip("pmrl_kernels.ops.triton_gram")
-    before = {k: getattr(triton_gram, k) for knobs in gc.TRITON_VARIANTS.values() for k in knobs}
-    for provider, knobs in gc.TRITON_VARIANTS.items():
-        seen = gc.triton_variant(lambda knobs=knobs: {k: getattr(triton_gram, k) for k in knobs}, provider)()
+@pytest.mark.parametrize("family", ["gram", "contrastive"])
+def test_triton_variants_set_existing_knobs(family):
+    """Each variant gpu_check times sets knobs that its Triton module has, and puts them back."""
+    module = pytest.importorskip(f"pmrl_kernels.ops.triton_{family}")
+    variants = gc.TRITON_VARIANTS if family == "gram" else gc.CONTRASTIVE_VARIANTS
+    before = {k: getattr(module, k) for knobs in variants.values() for k in knobs}
+    for provider, knobs in variants.items():
+        seen = gc.triton_variant(lambda knobs=knobs: {k: getattr(module, k) for k in knobs}, provider)()
         assert seen == knobs, provider
-    assert {k: getattr(triton_gram, k) for k in before} == before
+    assert {k: getattr(module, k) for k in before} == before
 
 
 def test_pytest_runs_add_up(tmp_path):
@@ -316,6 +318,8 @@ def test_summary_of_a_gpu_run_renders_in_60_lines(tmp_path, capsys):
                                       dict(status="ok", median_ms=ms) if ms else
                                       dict(status="skipped", reason="one call took 2.02 s (cap 2 s)",
                                            single_call_ms=2020.0))))
+            bench += [dict(target="loss", mode="fwd+bwd", provider="triton-k32", reg_weight=1.0, precision="ieee",
+                           dtype=dt, M=m, device=dev, B=65536, D=512, status="ok", median_ms=812.5)] * (m == 4)
             for reg in (0.0, 1.0):
                 bench.append(dict(target="loss", mode="fwd+bwd", provider="recipe", reg_weight=reg, dtype=dt, M=m,
                                   status="skipped", reason="predicted 200.0 s a call from B=256", device=dev,
@@ -334,7 +338,7 @@ def test_summary_of_a_gpu_run_renders_in_60_lines(tmp_path, capsys):
     lines = text.splitlines()
     assert len(lines) <= 60, text
     for needle in ("NVIDIA H200", "bench on NVIDIA H200", "cuda", "triton", "recipe", "skip ~200s", "reg1:tf32",
-                   "61.5", "33.2", "2020 once",
+                   "61.5", "33.2", "2020 once", "reg0:triton", "reg1:t-k32", "812",
                    "ERROR cuda random", "illegal memory access", "ncu on NVIDIA H200", "forward_kernel"):
         assert needle in text, needle
     summary = json.loads((out / "summary.json").read_text())

@@ -165,7 +165,7 @@ def test_contrastive_block_configs(n, features):
         for key, value in config.items():
             if key.startswith("BLOCK"):
                 assert value >= 16 and value & (value - 1) == 0, (key, value)
-    assert fwd["BLOCK_R"] <= 64 and fwd["BLOCK_C"] <= 64
+    assert fwd["BLOCK_R"] <= triton_contrastive.FWD_TILE and fwd["BLOCK_C"] <= triton_contrastive.FWD_TILE
     assert fwd["BLOCK_D"] == bwd["BLOCK_D"] == triton_contrastive.LOGITS_BLOCK_D  # same logits forward and backward
     assert bwd["BLOCK_DO"] <= triton_contrastive.MAX_BLOCK_DO
     assert bwd["BLOCK_DO"] >= min(features, triton_contrastive.MAX_BLOCK_DO)

@@ -49,6 +49,8 @@ LOGITS_BLOCK_D = 16
 # Below this |x| the series of _expm1 and _log1p (relative error < 1e-9 there); above, exp(x) - 1 and log(1 + x)
 # lose a few ulp of 1, under 3e-6 of the result.
 SERIES_BELOW = tl.constexpr(0.1)
+# Largest forward tile: BLOCK_R rows against BLOCK_C columns
+FWD_TILE = 64
 # Output features a backward program owns: each program computes the logits of its tiles once, so above this
 # the logits are recomputed once per block of features
 MAX_BLOCK_DO = 512
@@ -186,7 +188,8 @@ def _block(n: int, cap: int) -> int:
 
 def fwd_config(batch: int, n_cols: int, features: int) -> dict:
     """The forward's block sizes (constexprs) and num_warps."""
-    return dict(BLOCK_R=_block(batch, 64), BLOCK_C=_block(n_cols, 64), BLOCK_D=LOGITS_BLOCK_D, num_warps=NUM_WARPS)
+    return dict(BLOCK_R=_block(batch, FWD_TILE), BLOCK_C=_block(n_cols, FWD_TILE), BLOCK_D=LOGITS_BLOCK_D,
+                num_warps=NUM_WARPS)
 
 
 def bwd_config(n_x: int, n_y: int, features: int) -> dict:
