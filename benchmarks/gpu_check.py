@@ -848,19 +848,49 @@ def bench_cell(bencher: Bencher, fn, cap_s: float) -> dict:
 # the Triton gram kernels' variants side by side: launch_config's choice ("triton"), the chunked passes alone, the
 # one pass wherever an instance fits (the fp32 forward too), launch_config's choice at 1 and 2 warps a program
 # (sm_90 without spills at M = 4 and 16 for 2, at M = 4 only for 1), and the forward's Jacobi sweeps in either
-# ordering at every M ("triton" takes the cyclic one up to CYCLIC_JACOBI_MAX_M, the parallel one above)
+# ordering where "triton" takes the other one (the cyclic one up to CYCLIC_JACOBI_MAX_M, the parallel one above)
 TRITON_VARIANTS = {"triton-chunked": {"RESIDENT_ELEMENTS": 0},
                 "triton-one-pass": {"FORWARD_RESIDENT_MAX_ITEMSIZE": 8},
                 "triton-1-warp": {"NUM_WARPS": 1}, "triton-2-warps": {"NUM_WARPS": 2},
-                "triton-cyclic": {"CYCLIC_JACOBI_MAX_M": 16}, "triton-parallel": {"CYCLIC_JACOBI_MAX_M": 0}}
+                "triton-cyclic": {"CYCLIC_JACOBI_MAX_M": 16},  # 16: every M the kernels take
+                "triton-parallel": {"CYCLIC_JACOBI_MAX_M": 0}}
+
+
+def launches_of(module, call) -> list:
+    """(grid, keyword arguments) of each kernel launch `call` makes through `module`'s wrap_triton, recorded
+    instead of run (benchmarks/static_check.py's recorder)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import static_check  # noqa: PLC0415
+
+    return [(grid, kwargs) for _, grid, _, kwargs in static_check._record(module, call)]
+
+
+def gram_launches(m: int, d: int, dtype: str) -> list:
+    """launches_of the Triton gram forward and backward for M modalities of D features (4 instances: the launch
+    configuration does not depend on B)."""
+    torch = _torch()
+    from pmrl_kernels.ops import triton_gram  # noqa: PLC0415
+
+    zs = [torch.zeros(4, d, dtype=getattr(torch, dtype)) for _ in range(m)]
+    s, u = torch.zeros(4, m), torch.zeros(4, m, m)
+    return launches_of(triton_gram, lambda: (triton_gram.gram_eig_fwd._init_fn(zs, True),
+                                             triton_gram.gram_eig_bwd._init_fn(zs, s, u, s, torch.zeros(4, d), True)))
+
+
+def variant_differs(provider: str, m: int, d: int, dtype: str) -> bool:
+    """Whether TRITON_VARIANTS[provider] launches other kernels than "triton" at this size (the ordering variants
+    only where "triton" takes the other ordering, the path variants not at M = 16, D = 512, chunked either way): a
+    cell that would time "triton" again is left out."""
+    return triton_variant(lambda: gram_launches(m, d, dtype), provider)() != gram_launches(m, d, dtype)
 
 
 # the contrastive kernels' variants, timed at IEEE fp32 (the precision 10x off its floor on the H200): the logits
-# reduced over 32 features a step instead of 16, 128 x 128 forward tiles (255 registers, no spill for sm_90), and
-# the backward's 64 x 64 tiles over 128 features a program instead of 32 x 32 over 512 (more logits recomputed, each
-# on tiles with 4x the reuse). 4 warps a program spills 1.4 KB in the backward: not timed.
-CONTRASTIVE_VARIANTS = {"triton-k32": {"LOGITS_BLOCK_D": 32}, "triton-fwd-128": {"FWD_TILE": 128},
-                        "triton-bwd-64": {"MAX_BLOCK_DO": 128}}
+# reduced over 32 features a step instead of 16, 128 x 128 forward tiles, and the backward's 64 x 64 tiles over 128
+# features a program instead of 32 x 32 over 512 (the logits recomputed for each block of features, each time on
+# tiles with 4x the reuse)
+CONTRASTIVE_VARIANTS = {"triton-k32": {"LOGITS_BLOCK_D": 32}, "triton-f128": {"FWD_TILE": 128},
+                        "triton-b64": {"MAX_BLOCK_DO": 128}}
 
 
 def with_knobs(fn, module, knobs: dict):
@@ -964,7 +994,8 @@ def cmd_bench(args):
                           lambda be=be, zs=zs, g=(gs, gl): torch.autograd.grad(
                               pk.gram_svd(zs, backend=be)[::2], zs, list(g))))
             if be == "triton":  # the other paths at the same size: which is the faster here?
-                cells += [(dict(c, provider=p), triton_variant(fn, p)) for p in TRITON_VARIANTS for c, fn in cells[-2:]]
+                cells += [(dict(c, provider=p), triton_variant(fn, p)) for p in TRITON_VARIANTS
+                          if variant_differs(p, m, zs[0].shape[1], dt) for c, fn in cells[-2:]]
             cells.append((dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=0.0),
                           lambda be=be, zs=zs: torch.autograd.grad(
                               pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=0.0, backend=be), zs)))

@@ -161,10 +161,10 @@ def _contrastive_launches(spec: dict) -> list:
     lse, g = torch.randn(spec["b"]), torch.randn(spec["b"])
     fwd = _record(tc, lambda: tc.contrastive_fwd._init_fn(lead, lead, 0.1, 0, spec["precision"]))
     if spec["same"]:
-        bwd = _record(tc, lambda: tc.contrastive_sym_bwd._init_fn(lead, lse, g, lse, 0.1, spec["precision"]))
+        bwd = _record(tc, lambda: tc.contrastive_sym_bwd._init_fn(lead, lse, lse, g, 0.1, spec["precision"]))
     else:
         cols = torch.randn(2 * spec["b"], spec["d"])
-        bwd = _record(tc, lambda: tc.contrastive_bwd._init_fn(lead, cols, lse, g, lse, 0.1, 0, spec["precision"]))
+        bwd = _record(tc, lambda: tc.contrastive_bwd._init_fn(lead, cols, lse, lse, g, 0.1, 0, spec["precision"]))
     return fwd + bwd
 
 

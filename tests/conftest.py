@@ -145,8 +145,8 @@ def degenerate_cases(dtype=torch.float64, d=16):
 def check_contrastive(fn, device, b, n, d, same, tau, offset, seed=12):
     """A contrastive op `fn(rows, cols, tau_reg, offset)` on float32 input: values and gradients (w.r.t. rows and
     cols, upstream gradient random) against terms.contrastive in float64, by the accuracy rule with
-    terms.contrastive in float32 as the baseline. With logits of ~100 the softmax is one-hot and float32
-    resolves P_ii only to ~1e-5, in any implementation."""
+    terms.contrastive in float32 as the baseline. With logits of ~100 the softmax is one-hot: computed from the
+    float32 logits, P_ii - 1 is resolved only to an ulp of the logit (~1e-5)."""
     g = torch.Generator().manual_seed(seed)
     rows = torch.randn(b, d, generator=g)
     cols = rows if same else torch.randn(n, d, generator=g)

@@ -289,16 +289,16 @@ JACOBI_ORDER_CASES = {
     "m3": correlated(20, 3, 24, seed=41, dtype=torch.float64),
     "m9": correlated(12, 9, 40, seed=43, dtype=torch.float64),
     "m16": correlated(8, 16, 40, seed=47, dtype=torch.float64),
-    "m16_d_less_than_m": correlated(8, 16, 5, seed=53, dtype=torch.float64),  # ten zero eigenvalues
+    "m16_d_less_than_m": correlated(8, 16, 5, seed=53, dtype=torch.float64),  # eleven zero eigenvalues
 }
 
 
 @pytest.mark.parametrize("ordering", ["cyclic", "parallel"])
 @pytest.mark.parametrize("case", list(JACOBI_ORDER_CASES))
 def test_jacobi_orderings_match_the_reference(case, ordering, monkeypatch):
-    """The forward's two Jacobi orderings (triton_gram.CYCLIC_JACOBI_MAX_M picks), each forced at every M, on
-    degenerate input and up to M = 16: S, U, lead and dL/dz against the float64 reference (the conformance suite's
-    checks)."""
+    """The forward's two Jacobi orderings (triton_gram.CYCLIC_JACOBI_MAX_M picks), each forced whatever M, at
+    M = 3, 4, 5, 9 and 16 (MP = 4, 8, 16), on degenerate input (M = 4, 5 and a rank-deficient M = 16) and random:
+    S, U, lead and dL/dz against the float64 reference (the conformance suite's checks)."""
     from test_conformance import check_gram_eig
 
     monkeypatch.setattr(triton_gram, "CYCLIC_JACOBI_MAX_M", MAX_MODALITIES if ordering == "cyclic" else 0)
@@ -359,9 +359,9 @@ def test_contrastive_two_tiles_both_ways():
 
 
 def _nudged(lse):
-    """lse one float32 ulp up or down at random: the backward's logits as a GPU recomputes them. On the H200 ptxas
-    fused s * (1 / tau_reg) - lse into one FMA, so s entered unrounded and s - lse was off by up to half an ulp of s
-    (logits ~110: 4e-6), which the interpreter never does."""
+    """lse one float32 ulp up or down at random, so that s - lse in the backward is off by up to an ulp of s. Compiled
+    for sm_90, ptxas fuses s * (1 / tau_reg) - lse into one FMA, so s enters unrounded and s - lse is off by up to
+    half an ulp of s (logits ~110: 4e-6), which the interpreter never does: this is the stricter case."""
     up = torch.rand(lse.shape, generator=torch.Generator().manual_seed(3)) < 0.5
     return torch.where(up.to(lse.device), torch.nextafter(lse, torch.full_like(lse, float("inf"))),
                        torch.nextafter(lse, torch.full_like(lse, -float("inf"))))
@@ -369,20 +369,22 @@ def _nudged(lse):
 
 @pytest.mark.parametrize("same", [True, False], ids=["rows_are_columns", "gathered_columns"])
 def test_contrastive_backward_survives_logits_one_ulp_off(same):
-    """Where the softmax saturates (logits ~110), P_target - 1 = exp(s_target - lse) - 1 cancels: with the logits
-    one rounding off it was 4e-6 instead of ~1e-30 and dL/drows 8e-5 off on the H200. The backward takes it as
-    expm1(-loss) from the forward's loss instead, so recomputed logits only move the other P_ij, relatively."""
+    """Where the softmax saturates (logits ~110), P_target - 1 = exp(s_target - lse) - 1 cancels: with s - lse one
+    ulp off it was ~8e-6 instead of ~1e-30 and dL/drows 2.5e-4 off (the kernel before the fix, on this input). The
+    backward takes P_target - 1 from the forward instead, so recomputed logits only move the other P_ij,
+    relatively. A suspected cause of test_contrastive_two_tiles_both_ways failing on the H200."""
     g = torch.Generator().manual_seed(12)
     rows = torch.randn(70, 80, generator=g)
     cols = rows if same else torch.cat([torch.randn(9, 80, generator=g), rows])  # targets: the rows themselves
     grad = torch.randn(70, generator=g)
     ops, offset, tau = torch.ops.pmrl_kernels, 0 if same else 9, 0.7
-    loss, lse = ops.triton_contrastive_fwd(rows.to(DEVICE), cols.to(DEVICE), tau, offset, "ieee")
+    _, lse, target_pm1 = ops.triton_contrastive_fwd(rows.to(DEVICE), cols.to(DEVICE), tau, offset, "ieee")
     if same:
-        grads = [ops.triton_contrastive_sym_bwd(rows.to(DEVICE), _nudged(lse), grad.to(DEVICE), loss, tau, "ieee")]
+        grads = [ops.triton_contrastive_sym_bwd(rows.to(DEVICE), _nudged(lse), target_pm1, grad.to(DEVICE), tau,
+                                                "ieee")]
     else:
-        grads = list(ops.triton_contrastive_bwd(rows.to(DEVICE), cols.to(DEVICE), _nudged(lse), grad.to(DEVICE),
-                                                loss, tau, offset, "ieee"))
+        grads = list(ops.triton_contrastive_bwd(rows.to(DEVICE), cols.to(DEVICE), _nudged(lse), target_pm1,
+                                                grad.to(DEVICE), tau, offset, "ieee"))
     expected = []
     for dtype in (torch.float32, torch.float64):
         r = rows.to(dtype).requires_grad_()
@@ -421,6 +423,32 @@ def test_contrastive_loss_keeps_relative_precision_near_the_optimum(margin):
     rel = ((loss - exact).abs() / exact).max().item()
     assert rel < 1e-5, f"loss: relative error {rel:.3g} (smallest loss {exact.min().item():.3g})"
     assert_fa_close(d_rows, exact_grad, base_grad, "d rows", 1e-5)
+
+
+@triton.jit
+def _series_kernel(X, EXPM1, LOG1P, N: tl.constexpr):
+    x = tl.load(X + tl.arange(0, N))
+    tl.store(EXPM1 + tl.arange(0, N), triton_contrastive._expm1(-x))
+    tl.store(LOG1P + tl.arange(0, N), triton_contrastive._log1p(x))
+
+
+def test_expm1_and_log1p_keep_relative_precision():
+    """The forward's helpers at x >= 0 (their domain there: expm1(-gap), expm1(-loss), log1p of a sum of
+    exponentials) from 1e-30 to 80, tightly around the series cut-over: against math.expm1/log1p in float64, to
+    4e-6 relative (a few float32 ulp of 1 just past the cut-over, where exp(x) - 1 keeps 0.1 of it)."""
+    import math  # noqa: PLC0415
+
+    cut = triton_contrastive.SERIES_BELOW.value
+    x = torch.cat([torch.logspace(-30, math.log10(80.0), 96, dtype=torch.float64),
+                   cut * (1 + torch.linspace(-1e-3, 1e-3, 32, dtype=torch.float64))]).float()
+    x = x.to(DEVICE)
+    expm1, log1p = torch.empty_like(x), torch.empty_like(x)
+    _series_kernel[(1,)](x, expm1, log1p, N=x.numel())
+    for name, got, exact in (("expm1(-x)", expm1, [math.expm1(-v) for v in f64(x).tolist()]),
+                             ("log1p(x)", log1p, [math.log1p(v) for v in f64(x).tolist()])):
+        exact = torch.tensor(exact, dtype=torch.float64)
+        rel = ((f64(got) - exact).abs() / exact.abs()).max().item()
+        assert rel < 4e-6, f"{name}: relative error {rel:.3g}"
 
 
 def test_contrastive_rejects_bad_offset():
@@ -510,14 +538,14 @@ def test_opcheck_on_gpu():
     zs = list(z.unbind(1))
     ops = torch.ops.pmrl_kernels
     s, u, lead = ops.triton_gram_eig_fwd(zs, True)
-    loss, lse = ops.triton_contrastive_fwd(lead, lead, 0.1, 0, "ieee")
+    loss, lse, target_pm1 = ops.triton_contrastive_fwd(lead, lead, 0.1, 0, "ieee")
     samples = [
         (ops.triton_gram_eig_fwd, (zs, True)),
         (ops.triton_gram_eig_bwd, (zs, s, u, torch.randn_like(s), torch.randn_like(lead), True)),
         (ops.triton_gram_eig_bwd, (zs, s, u, None, torch.randn_like(lead), False)),
         (ops.triton_contrastive_fwd, (lead, lead, 0.1, 0, "ieee")),
-        (ops.triton_contrastive_bwd, (lead, lead, lse, torch.randn_like(loss), loss, 0.1, 0, "ieee")),
-        (ops.triton_contrastive_sym_bwd, (lead, lse, torch.randn_like(loss), loss, 0.1, "ieee")),
+        (ops.triton_contrastive_bwd, (lead, lead, lse, target_pm1, torch.randn_like(loss), 0.1, 0, "ieee")),
+        (ops.triton_contrastive_sym_bwd, (lead, lse, target_pm1, torch.randn_like(loss), 0.1, "ieee")),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)

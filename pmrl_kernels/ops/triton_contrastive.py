@@ -3,13 +3,14 @@
 
 loss_i = logsumexp_j(s_ij) - s_i,offset+i with s_ij = rows_i . cols_j / tau_reg (pmrl_kernels.terms.contrastive).
 Forward: each program takes BLOCK_R rows and walks the columns in tiles of BLOCK_C with an online max/sum
-(FlashAttention, Inf-CL); it writes the per-row loss and logsumexp, never the B x N logits. The loss is
-log1p(sum over the other columns of exp(s_ij - s_i,target)), so it keeps its relative precision near the optimum.
+(FlashAttention, Inf-CL); it writes the per-row loss, logsumexp and P_target - 1 = expm1(-loss), never the B x N
+logits. The loss is log1p(sum over the other columns of exp(s_ij - s_i,target)), so it keeps its relative
+precision near the optimum.
 Backward: with P_ij = exp(s_ij - lse_i) and dS_ij = g_i (P_ij - [j = offset + i]) / tau_reg,
     d rows = dS cols,  d cols = dS^T rows,
 computed by one kernel launched twice (own rows against column tiles, then own columns against row tiles),
-each recomputing the logits from the saved logsumexp: no atomics, deterministic. The target's P - 1 is taken as
-expm1(-loss_i) from the saved loss, not from the recomputed logits, where it would cancel (docs/maths.md). When
+each recomputing the logits from the saved logsumexp: no atomics, deterministic. The target's P - 1 is the
+forward's, not taken from the recomputed logits, where it would cancel (docs/maths.md). When
 rows and columns are one tensor (the loss on one device), the logits are symmetric and one launch computes
 d rows + d cols = (dS + dS^T) lead from one logits tile per pair: 3 GEMM-equivalents forward and backward instead
 of 5. A backward program owns
@@ -43,11 +44,12 @@ __all__ = ["contrastive", "contrastive_unsupported", "is_available"]
 # 98-128; backward 128-180 (64 x 64 tiles with 128 features, 32 x 32 tiles with 512).
 NUM_WARPS = 8
 # D chunk of the logits' reduction, the same forward and backward, so that the backward's logits are the forward's
-# up to the last rounding. Not to the bit: on the H200 ptxas fused the backward's s * (1 / tau_reg) - lse into one
-# FMA, which the interpreter never does; hence the target's P - 1 from the saved loss (_row_terms).
+# up to the last rounding. Not to the bit: compiled for sm_90, ptxas fuses the backward's s * (1 / tau_reg) - lse
+# into one FMA, which the interpreter never does; hence the target's P - 1 saved by the forward.
 LOGITS_BLOCK_D = 16
-# Below this |x| the series of _expm1 and _log1p (relative error < 1e-9 there); above, exp(x) - 1 and log(1 + x)
-# lose a few ulp of 1, under 3e-6 of the result.
+# Below this magnitude _expm1 and _log1p sum their series (truncation under 1e-9 relative: float32 rounding
+# dominates); above it they take exp(x) - 1 and log(1 + x), whose rounding is a few ulp of 1, under 3e-6 of the
+# result (tests/test_triton.py checks both sides of the cut-over).
 SERIES_BELOW = tl.constexpr(0.1)
 # Largest forward tile: BLOCK_R rows against BLOCK_C columns
 FWD_TILE = 64
@@ -105,12 +107,13 @@ def _logits(X, Y, xi, yj, n_x, n_y, D, stride_x, stride_y, inv_tau, BLOCK_D: tl.
 
 @triton.jit
 def _contrastive_fwd_kernel(
-    R, C, LOSS, LSE, B, N, D, stride_r, stride_c, inv_tau, offset,
+    R, C, LOSS, LSE, PM1, B, N, D, stride_r, stride_c, inv_tau, offset,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """loss [B] and logsumexp [B] of BLOCK_R rows per program, online over column tiles: the running maximum m
-    and the running sum of exp(s_ij - m) over the columns other than the target; then, with d = m - s_target >= 0,
-    loss = d + log1p(others + expm1(-d)), which is log1p(others) when the target is the maximum."""
+    """loss, logsumexp and P_target - 1 [B] of BLOCK_R rows per program, online over column tiles: the running
+    maximum m and the running sum of exp(s_ij - m) over the columns other than the target; then, with
+    d = m - s_target >= 0, loss = d + log1p(others + expm1(-d)), which is log1p(others) when the target is the
+    maximum."""
     i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     target = tl.where(i < B, offset + i, -1)  # padding rows have none (their target column could be a masked one)
     run_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -126,19 +129,19 @@ def _contrastive_fwd_kernel(
         others = others * tl.exp(run_max - new_max) + tl.sum(p, 1)
         run_max = new_max
         target_logit += tl.sum(tl.where(is_target, s, 0.0), 1)
-    gap = run_max - target_logit
+    gap = tl.maximum(run_max - target_logit, 0.0)  # >= 0 as long as max and target saw the same rounded s
     loss = gap + _log1p(others + _expm1(-gap))
     tl.store(LSE + i, target_logit + loss, mask=i < B)
     tl.store(LOSS + i, loss, mask=i < B)
+    tl.store(PM1 + i, _expm1(-loss), mask=i < B)
 
 
 @triton.jit
-def _row_terms(LSE, LOSS, G, i, n, stride_g):
-    """Of rows i (0 past n): logsumexp, upstream gradient, and P - 1 at the target, exp(-loss) - 1."""
+def _row_terms(LSE, PM1, G, i, n, stride_g):
+    """Of rows i (0 past n): logsumexp, P - 1 at the target, upstream gradient."""
     ok = i < n
-    lse = tl.load(LSE + i, mask=ok, other=0.0)
-    g = tl.load(G + i * stride_g, mask=ok, other=0.0)
-    return lse, g, _expm1(-tl.load(LOSS + i, mask=ok, other=0.0))
+    return (tl.load(LSE + i, mask=ok, other=0.0), tl.load(PM1 + i, mask=ok, other=0.0),
+            tl.load(G + i * stride_g, mask=ok, other=0.0))
 
 
 # Backward modes: which gradient a program computes.
@@ -147,7 +150,7 @@ ROWS, COLS, SYMMETRIC = 0, 1, 2
 
 @triton.jit
 def _contrastive_bwd_kernel(
-    X, Y, LSE, LOSS, G, DX, n_x, n_y, D, stride_x, stride_y, stride_g, inv_tau, offset,
+    X, Y, LSE, PM1, G, DX, n_x, n_y, D, stride_x, stride_y, stride_g, inv_tau, offset,
     MODE: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -156,26 +159,26 @@ def _contrastive_bwd_kernel(
     MODE ROWS: X are the rows (own index i, other index j), DX = d rows. COLS: X are the columns (own index j,
     other index i), DX = d cols; logsumexp and upstream gradient are indexed by the row. SYMMETRIC: rows and
     columns are one tensor (offset 0), DX = d rows + d cols = (dS + dS^T) X from one logits tile: the logits are
-    symmetric, so P_ji = exp(s_ij - lse_j). The target's P - 1 is expm1(-loss) of its row.
+    symmetric, so P_ji = exp(s_ij - lse_j). The target's P - 1 is the forward's (PM1).
     """
     xo = tl.program_id(0).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
     do = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    lse_x, g_x, hit_x = 0.0, 0.0, 0.0
-    if MODE != 1:  # X are rows (in COLS they are columns, which may outnumber the rows' lse, loss and g)
-        lse_x, g_x, hit_x = _row_terms(LSE, LOSS, G, xo, n_x, stride_g)
+    lse_x, pm1_x, g_x = 0.0, 0.0, 0.0
+    if MODE != 1:  # not COLS: X are rows (in COLS columns, which may outnumber the rows' lse, P - 1 and g)
+        lse_x, pm1_x, g_x = _row_terms(LSE, PM1, G, xo, n_x, stride_g)
     acc = tl.zeros((BLOCK_X, BLOCK_DO), tl.float32)
     for y0 in range(0, n_y, BLOCK_Y):
         yo = y0 + tl.arange(0, BLOCK_Y).to(tl.int64)
         s = _logits(X, Y, xo, yo, n_x, n_y, D, stride_x, stride_y, inv_tau, BLOCK_D, PRECISION)
         if MODE == 0:
             hit = yo[None, :] == offset + xo[:, None]
-            ds = g_x[:, None] * tl.where(hit, hit_x[:, None], tl.exp(s - lse_x[:, None]))
+            ds = g_x[:, None] * tl.where(hit, pm1_x[:, None], tl.exp(s - lse_x[:, None]))
         else:
-            lse_y, g_y, hit_y = _row_terms(LSE, LOSS, G, yo, n_y, stride_g)
+            lse_y, pm1_y, g_y = _row_terms(LSE, PM1, G, yo, n_y, stride_g)
             hit = xo[:, None] == offset + yo[None, :]
-            ds = g_y[None, :] * tl.where(hit, hit_y[None, :], tl.exp(s - lse_y[None, :]))
+            ds = g_y[None, :] * tl.where(hit, pm1_y[None, :], tl.exp(s - lse_y[None, :]))
             if MODE == 2:
-                ds += g_x[:, None] * tl.where(hit, hit_x[:, None], tl.exp(s - lse_x[:, None]))
+                ds += g_x[:, None] * tl.where(hit, pm1_x[:, None], tl.exp(s - lse_x[:, None]))
         ds = tl.where((xo[:, None] < n_x) & (yo[None, :] < n_y), ds, 0.0)
         y = tl.load(Y + yo[:, None] * stride_y + do[None, :], mask=(yo[:, None] < n_y) & (do[None, :] < D), other=0.0)
         acc = _dot(ds, y, acc, PRECISION)
@@ -223,73 +226,74 @@ def _check_precision(precision: str) -> None:
 @triton_op("pmrl_kernels::triton_contrastive_fwd", mutates_args=())
 def contrastive_fwd(
     rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int, precision: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss [B] and logsumexp [B] (float32); rows [B, D], cols [N, D] float32 with unit feature stride."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss, logsumexp and P_target - 1 ([B] each, float32; the last two for the backward); rows [B, D],
+    cols [N, D] float32 with unit feature stride."""
     _check_precision(precision)
     (batch, features), n_cols = rows.shape, cols.shape[0]
     loss = torch.empty(batch, device=rows.device, dtype=torch.float32)
     lse = torch.empty_like(loss)
+    target_pm1 = torch.empty_like(loss)
     config = fwd_config(batch, n_cols, features)
     wrap_triton(_contrastive_fwd_kernel)[(triton.cdiv(batch, config["BLOCK_R"]),)](
-        rows, cols, loss, lse, batch, n_cols, features, rows.stride(0), cols.stride(0), 1.0 / tau_reg, offset,
-        PRECISION=precision, **config,
+        rows, cols, loss, lse, target_pm1, batch, n_cols, features, rows.stride(0), cols.stride(0), 1.0 / tau_reg,
+        offset, PRECISION=precision, **config,
     )
-    return loss, lse
+    return loss, lse, target_pm1
 
 
-def _launch_bwd(x, y, lse, loss, grad_loss, dx, tau_reg, offset, mode, precision):
+def _launch_bwd(x, y, lse, target_pm1, grad_loss, dx, tau_reg, offset, mode, precision):
     n_x, n_y, features = x.shape[0], y.shape[0], x.shape[1]
     config = bwd_config(n_x, n_y, features)
     grid = (triton.cdiv(n_x, config["BLOCK_X"]), triton.cdiv(features, config["BLOCK_DO"]))
     wrap_triton(_contrastive_bwd_kernel)[grid](
-        x, y, lse, loss, grad_loss, dx, n_x, n_y, features, x.stride(0), y.stride(0), grad_loss.stride(0),
+        x, y, lse, target_pm1, grad_loss, dx, n_x, n_y, features, x.stride(0), y.stride(0), grad_loss.stride(0),
         1.0 / tau_reg, offset, MODE=mode, PRECISION=precision, **config,
     )
 
 
 @triton_op("pmrl_kernels::triton_contrastive_bwd", mutates_args=())
 def contrastive_bwd(
-    rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, loss: torch.Tensor,
+    rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor, target_pm1: torch.Tensor, grad_loss: torch.Tensor,
     tau_reg: float, offset: int, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d rows [B, D], d cols [N, D]) in float32, given the forward's logsumexp and loss and dL/dloss [B]: two
-    launches, each recomputing its logits (4 GEMM-equivalents), no atomics."""
+    """(d rows [B, D], d cols [N, D]) in float32, given the forward's logsumexp and P_target - 1 and dL/dloss [B]:
+    two launches, each recomputing its logits (4 GEMM-equivalents), no atomics."""
     _check_precision(precision)
     d_rows = torch.empty_like(rows)
     d_cols = torch.empty_like(cols)
-    _launch_bwd(rows, cols, lse, loss, grad_loss, d_rows, tau_reg, offset, ROWS, precision)
-    _launch_bwd(cols, rows, lse, loss, grad_loss, d_cols, tau_reg, offset, COLS, precision)
+    _launch_bwd(rows, cols, lse, target_pm1, grad_loss, d_rows, tau_reg, offset, ROWS, precision)
+    _launch_bwd(cols, rows, lse, target_pm1, grad_loss, d_cols, tau_reg, offset, COLS, precision)
     return d_rows, d_cols
 
 
 @triton_op("pmrl_kernels::triton_contrastive_sym_bwd", mutates_args=())
 def contrastive_sym_bwd(
-    lead: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, loss: torch.Tensor, tau_reg: float,
+    lead: torch.Tensor, lse: torch.Tensor, target_pm1: torch.Tensor, grad_loss: torch.Tensor, tau_reg: float,
     precision: str,
 ) -> torch.Tensor:
     """d lead [B, D] in float32 when rows and columns are the same tensor (offset 0), given the forward's
-    logsumexp and loss: d rows + d cols in one launch from one logits tile per pair (2 GEMM-equivalents), no
-    separate add."""
+    logsumexp and P_target - 1: d rows + d cols in one launch from one logits tile per pair (2 GEMM-equivalents),
+    no separate add."""
     _check_precision(precision)
     d_lead = torch.empty_like(lead)
-    _launch_bwd(lead, lead, lse, loss, grad_loss, d_lead, tau_reg, 0, SYMMETRIC, precision)
+    _launch_bwd(lead, lead, lse, target_pm1, grad_loss, d_lead, tau_reg, 0, SYMMETRIC, precision)
     return d_lead
 
 
 class _Contrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int, precision: str):
-        loss, lse = torch.ops.pmrl_kernels.triton_contrastive_fwd(rows, cols, tau_reg, offset, precision)
-        ctx.save_for_backward(rows, cols, lse, loss)
+        loss, lse, target_pm1 = torch.ops.pmrl_kernels.triton_contrastive_fwd(rows, cols, tau_reg, offset, precision)
+        ctx.save_for_backward(rows, cols, lse, target_pm1)
         ctx.tau_reg, ctx.offset, ctx.precision = tau_reg, offset, precision
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        rows, cols, lse, loss = ctx.saved_tensors
         d_rows, d_cols = torch.ops.pmrl_kernels.triton_contrastive_bwd(
-            rows, cols, lse, grad_loss, loss, ctx.tau_reg, ctx.offset, ctx.precision
+            *ctx.saved_tensors, grad_loss, ctx.tau_reg, ctx.offset, ctx.precision
         )
         return d_rows, d_cols, None, None, None
 
@@ -297,16 +301,15 @@ class _Contrastive(torch.autograd.Function):
 class _SymmetricContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lead: torch.Tensor, tau_reg: float, precision: str):
-        loss, lse = torch.ops.pmrl_kernels.triton_contrastive_fwd(lead, lead, tau_reg, 0, precision)
-        ctx.save_for_backward(lead, lse, loss)
+        loss, lse, target_pm1 = torch.ops.pmrl_kernels.triton_contrastive_fwd(lead, lead, tau_reg, 0, precision)
+        ctx.save_for_backward(lead, lse, target_pm1)
         ctx.tau_reg, ctx.precision = tau_reg, precision
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        lead, lse, loss = ctx.saved_tensors
-        d_lead = torch.ops.pmrl_kernels.triton_contrastive_sym_bwd(lead, lse, grad_loss, loss, ctx.tau_reg,
+        d_lead = torch.ops.pmrl_kernels.triton_contrastive_sym_bwd(*ctx.saved_tensors, grad_loss, ctx.tau_reg,
                                                                    ctx.precision)
         return d_lead, None, None
 

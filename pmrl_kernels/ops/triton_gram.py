@@ -58,14 +58,12 @@ FORWARD_RESIDENT_MAX_ITEMSIZE = 2
 # to see whether fewer replicas of the solve win there.
 NUM_WARPS = 4
 # The forward's Jacobi sweeps: up to this M the cyclic ordering (M (M - 1) / 2 rotations one after the other, each
-# a handful of masked reductions over the M x M block), above it the parallel one (MP - 1 rounds of MP / 2 disjoint
-# rotations, each round a few gathers). Counted in the PTX for sm_90 (fp32, D = 512: instructions from a loop's
-# label to its back-edge, times the trips), a sweep takes 36000 instructions and 1200 barriers cyclic against 3500
-# and 180 parallel at M = 16, where the cyclic solve bounded the H200's forward (114 ms at B = 65536, D = 512); about
-# as many sweeps either way (float32 emulation, 40 random instances: 5.6 at M = 16). At M = 4 and 8 the parallel
-# sweep is shorter too (620 against 1390, 1600 against 7600), but there it changes ptxas's register allocation (an
-# 8-byte spill at M = 7, D = 129), and the cyclic kernels are the ones that ran on the H200, so they stay until
-# benchmarks/gpu_check.py's `triton-cyclic` and `triton-parallel` rows have measured both.
+# a handful of masked reductions over the MP x MP block), above it the parallel one (MP - 1 rounds of MP / 2
+# disjoint rotations, each round a few gathers): at M = 16, where the cyclic solve bounded the H200's forward,
+# about a tenth of the instructions a sweep in the sm_90 PTX (benchmarks/results/gpu-nvidia-h200/NOTES.md). Not
+# yet run on a GPU. Up to 8 the cyclic kernels that ran on the H200 stay and the static check's sample stays
+# spill-free (the parallel one moved ptxas's allocation: 8 bytes at M = 7, D = 129), until gpu_check's
+# `triton-cyclic` and `triton-parallel` rows have timed both.
 CYCLIC_JACOBI_MAX_M = 8
 # fp32 elements of a chunk [BLOCK_B, MP, BLOCK_D] of the chunked passes, which load Z again on each pass (4 warps:
 # 8 a thread): at most 128 registers for M <= 8; 2048 needs up to 162 (the backward at M = 8), otherwise untuned.

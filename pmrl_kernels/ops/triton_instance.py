@@ -165,7 +165,8 @@ def jacobi_rotate(g, v, p, q, MP: tl.constexpr):
 @triton.jit
 def partners(rnd, MP: tl.constexpr):
     """[MP] the partner of each index in round rnd of the round-robin (circle) ordering: index MP - 1 meets rnd,
-    the others i meet (2 rnd - i) mod (MP - 1). Its MP - 1 rounds of MP / 2 disjoint pairs meet every pair once."""
+    the others i meet (2 rnd - i) mod (MP - 1), except rnd itself, which that would pair with itself. Its MP - 1
+    rounds of MP / 2 disjoint pairs meet every pair once."""
     i = tl.arange(0, MP)
     n = MP - 1
     other = (2 * rnd - i + 2 * n) % n  # kept >= 0: % rounds differently in the interpreter and compiled
@@ -176,8 +177,9 @@ def partners(rnd, MP: tl.constexpr):
 def jacobi_round(g, v, rnd, MP: tl.constexpr):
     """Round rnd of the parallel ordering: the MP / 2 disjoint rotations of partners(rnd) at once, applied to G and
     V as J^T G J and V J; each pair's rotation as jacobi_rotate's. Row and column i meet their partner's through
-    a gather (no masked reduction a rotation), so a sweep takes MP - 1 of these instead of M (M - 1) / 2
-    rotations. Pairs with a padding index have a_pq = 0 and are not rotated."""
+    a gather, where jacobi_rotate needs masked reductions over the whole block for each rotation, so a sweep takes
+    MP - 1 of these instead of M (M - 1) / 2 rotations. Pairs with a padding index have a_pq = 0 and are not
+    rotated."""
     i = tl.arange(0, MP)
     pi = partners(rnd, MP)
     row = i[None, :, None]
