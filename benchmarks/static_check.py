@@ -14,6 +14,8 @@ for M <= 8 in every fp32/bf16/fp16 CUDA kernel, no spill in any Triton kernel fo
 contrastive kernels under TF32 and bf16.
 
     python benchmarks/static_check.py [--cuda] [--triton] [--json PATH] [--jobs N]
+    python benchmarks/static_check.py --scan   # wider, informational: spills of every Gram forward with M <= 8,
+                                               # and the Jacobi sweep's cost in each ordering, from the PTX
 
 Exits 1 when a check fails. Runs Triton in a subprocess-free way only when TRITON_INTERPRET is unset.
 """
@@ -168,8 +170,9 @@ def _contrastive_launches(spec: dict) -> list:
     return fwd + bwd
 
 
-def _compile_launch(kernel, args, kwargs) -> dict:
-    """Compile one recorded launch for sm_90 as a GPU launch would specialise it; registers, spills, MMA."""
+def _compile_launch(kernel, args, kwargs, keep_ptx: bool = False) -> dict:
+    """Compile one recorded launch for sm_90 as a GPU launch would specialise it; registers, spills, MMA (and the
+    PTX itself with keep_ptx)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -197,7 +200,7 @@ def _compile_launch(kernel, args, kwargs) -> dict:
     stack, stores, loads = map(int, frame.groups()) if frame else (None, None, None)
     return {"registers": int(regs.group(1)) if regs else None, "stack_bytes": stack, "spill_stores": stores,
             "spill_loads": loads, "mma": bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)", ptx)),
-            "num_warps": options.num_warps}
+            "num_warps": options.num_warps, **({"ptx": ptx} if keep_ptx else {})}
 
 
 def triton_report() -> dict:
@@ -216,6 +219,81 @@ def triton_report() -> dict:
                     row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
                 kernels.append(row)
     return {"status": "ok", "kernels": kernels}
+
+
+# ------------------------------------------------------------------------------------------------------ scan
+
+# Every Gram forward configuration with M <= 8 at a D that is a multiple of 16 and one that is not (Triton
+# specialises integers divisible by 16), fp32 and bf16, both normalisations: wider than the contract's sample.
+SCAN_LAUNCHES = [dict(m=m, d=d, dtype=dtype, normalize=normalize) for m in range(2, MAX_CLEAN_M + 1)
+                 for d in (129, 512) for dtype in ("float32", "bfloat16") for normalize in (True, False)]
+SWEEP_COST_M = (2, 3, 4, 8, 16)
+_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
+_BACK_EDGE = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
+
+
+def ptx_loops(ptx: str) -> list[dict]:
+    """The loops of a PTX listing: each back-edge (a branch to an earlier label) with the body between them, its
+    instruction count (lines that are not labels, directives, braces or comments), bar.sync count and whether it
+    takes a square root (sqrt.rn: the Jacobi rotation's)."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    loops = []
+    for end, line in enumerate(lines):
+        m = _BACK_EDGE.search(line)
+        if m and labels.get(m.group(1), end) < end:
+            body = lines[labels[m.group(1)]:end + 1]
+            loops.append({"start": labels[m.group(1)], "end": end,
+                          "instructions": sum(1 for x in body if x and not x.startswith(("$", ".", "//", "{", "}"))),
+                          "barriers": sum("bar.sync" in x for x in body),
+                          "sqrt": any("sqrt.rn" in x for x in body)})
+    return loops
+
+
+def rotation_loop(loops: list[dict]) -> dict:
+    """The innermost loop that takes a square root: one Jacobi rotation (cyclic) or one round (parallel)."""
+    with_sqrt = [lp for lp in loops if lp["sqrt"]]
+    return min(with_sqrt, key=lambda lp: lp["end"] - lp["start"])
+
+
+def scan_report() -> dict:
+    """Spills of every SCAN_LAUNCHES forward, and the sweep's cost in each Jacobi ordering at SWEEP_COST_M (fp32,
+    D = 512): the rotation loop's body times its trips a sweep (M (M - 1) / 2 rotations, MP - 1 rounds)."""
+    from pmrl_kernels.ops import triton_gram
+
+    spills = []
+    for spec in SCAN_LAUNCHES:
+        kernel, _, args, kwargs = _gram_launches(spec)[0]
+        spills.append(dict(spec, **_compile_launch(kernel, args, kwargs)))
+    sweeps = []
+    saved = triton_gram.CYCLIC_JACOBI_MAX_M
+    try:
+        for m in SWEEP_COST_M:
+            for ordering, threshold in (("cyclic", 16), ("parallel", 0)):
+                triton_gram.CYCLIC_JACOBI_MAX_M = threshold
+                kernel, _, args, kwargs = _gram_launches(dict(m=m, d=512, dtype="float32", normalize=True))[0]
+                body = rotation_loop(ptx_loops(_compile_launch(kernel, args, kwargs, keep_ptx=True)["ptx"]))
+                trips = m * (m - 1) // 2 if ordering == "cyclic" else (1 << (m - 1).bit_length()) - 1
+                sweeps.append(dict(m=m, ordering=ordering, body_instructions=body["instructions"],
+                                   body_barriers=body["barriers"], trips=trips,
+                                   sweep_instructions=body["instructions"] * trips,
+                                   sweep_barriers=body["barriers"] * trips))
+    finally:
+        triton_gram.CYCLIC_JACOBI_MAX_M = saved
+    return {"spills": spills, "sweeps": sweeps}
+
+
+def scan_text(scan: dict) -> str:
+    spilled = [r for r in scan["spills"] if r["spill_stores"] or r["spill_loads"]]
+    lines = [f"Gram forward, sm_90: {len(spilled)} of {len(scan['spills'])} configurations with M <= {MAX_CLEAN_M} "
+             "spill (M, D, dtype, normalize: registers, spill stores/loads bytes)"]
+    lines += [f"  M={r['m']} D={r['d']} {r['dtype']} normalize={r['normalize']}: {r['registers']} registers, "
+              f"{r['spill_stores']}/{r['spill_loads']} B" for r in spilled]
+    lines += ["", "Jacobi sweep, fp32 D = 512 (PTX: the rotation loop's body x its trips a sweep)",
+              f"{'M':>3} {'ordering':<9}{'body':>6}{'bar':>5}{'trips':>6}{'sweep':>8}{'bar':>6}"]
+    lines += [f"{r['m']:>3} {r['ordering']:<9}{r['body_instructions']:>6}{r['body_barriers']:>5}{r['trips']:>6}"
+              f"{r['sweep_instructions']:>8}{r['sweep_barriers']:>6}" for r in scan["sweeps"]]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- byte model
@@ -316,11 +394,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the full report here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc processes")
     parser.add_argument("--bytes", action="store_true", help="print the Gram kernels' byte model table and exit")
+    parser.add_argument("--scan", action="store_true", help="print the wider spill scan and the sweep costs and exit")
     args = parser.parse_args(argv)
     both = not (args.cuda or args.triton)
     sys.path.insert(0, str(ROOT))
     if args.bytes:
         print(byte_model_table())
+        return 0
+    if args.scan:
+        print(scan_text(scan_report()))
         return 0
     report = {}
     if args.cuda or both:

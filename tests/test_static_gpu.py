@@ -92,3 +92,26 @@ def test_build_time_prediction(static_report):
     assert all(s > 0 for s in seconds)
     predicted = static_check.summary(static_report)["cuda_build_seconds_on_16_cores_predicted"]
     assert max(seconds) <= predicted <= max(max(seconds), sum(seconds) / 16) * 2
+
+
+def test_ptx_loops_finds_the_rotation_loop():
+    """--scan's sweep cost reads loop bodies off the PTX: a back-edge to an earlier label is a loop, its body the
+    lines in between (instructions only), and the rotation loop is the innermost one taking a square root."""
+    ptx = """
+$L__BB0_1:
+\tsetp.lt.s32 \t%p1, %r1, 4;
+$L__BB0_2:
+\tbar.sync \t0;
+\tsqrt.rn.f32 \t%r2, %r3;
+\t// a comment
+\tadd.s32 \t%r4, %r4, 1;
+\t@%p2 bra \t$L__BB0_2;
+\tbar.sync \t0;
+\t@%p1 bra \t$L__BB0_1;
+\tbra.uni \t$L__BB0_3;
+$L__BB0_3:
+\tret;
+"""
+    loops = static_check.ptx_loops(ptx)
+    assert [(lp["instructions"], lp["barriers"], lp["sqrt"]) for lp in loops] == [(4, 1, True), (7, 2, True)]
+    assert static_check.rotation_loop(loops) is loops[0]

@@ -60,7 +60,7 @@ NUM_WARPS = 4
 # The forward's Jacobi sweeps: up to this M the cyclic ordering (M (M - 1) / 2 rotations one after the other, each
 # a handful of masked reductions over the MP x MP block), above it the parallel one (MP - 1 rounds of MP / 2
 # disjoint rotations, each round a few gathers): at M = 16, where the cyclic solve bounded the H200's forward,
-# about a tenth of the instructions a sweep in the sm_90 PTX (benchmarks/results/gpu-nvidia-h200/NOTES.md). Not
+# about a tenth of the instructions a sweep in the sm_90 PTX (benchmarks/results/static-sm90/scan.txt). Not
 # yet run on a GPU. Up to 8 the cyclic kernels that ran on the H200 stay and the static check's sample stays
 # spill-free (the parallel one moved ptxas's allocation: 8 bytes at M = 7, D = 129), until gpu_check's
 # `triton-cyclic` and `triton-parallel` rows have timed both.
