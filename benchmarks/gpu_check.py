@@ -856,26 +856,20 @@ TRITON_VARIANTS = {"triton-chunked": {"RESIDENT_ELEMENTS": 0},
                 "triton-parallel": {"CYCLIC_JACOBI_MAX_M": 0}}
 
 
-def launches_of(module, call) -> list:
-    """(grid, keyword arguments) of each kernel launch `call` makes through `module`'s wrap_triton, recorded
-    instead of run (benchmarks/static_check.py's recorder)."""
+def static_check_module():
+    """benchmarks/static_check.py, whose recorder replays the package's launchers without running a kernel."""
     if str(ROOT / "benchmarks") not in sys.path:
         sys.path.insert(0, str(ROOT / "benchmarks"))
     import static_check  # noqa: PLC0415
 
-    return [(grid, kwargs) for _, grid, _, kwargs in static_check._record(module, call)]
+    return static_check
 
 
 def gram_launches(m: int, d: int, dtype: str) -> list:
-    """launches_of the Triton gram forward and backward for M modalities of D features (4 instances: the launch
-    configuration does not depend on B)."""
-    torch = _torch()
-    from pmrl_kernels.ops import triton_gram  # noqa: PLC0415
-
-    zs = [torch.zeros(4, d, dtype=getattr(torch, dtype)) for _ in range(m)]
-    s, u = torch.zeros(4, m), torch.zeros(4, m, m)
-    return launches_of(triton_gram, lambda: (triton_gram.gram_eig_fwd._init_fn(zs, True),
-                                             triton_gram.gram_eig_bwd._init_fn(zs, s, u, s, torch.zeros(4, d), True)))
+    """(grid, keyword arguments) of the Triton gram forward and backward launches for M modalities of D features,
+    recorded, not run (4 instances: the launch configuration does not depend on B)."""
+    spec = dict(m=m, d=d, dtype=dtype, normalize=True)
+    return [(grid, kwargs) for _, grid, _, kwargs in static_check_module()._gram_launches(spec, batch=4)]
 
 
 def variant_differs(provider: str, m: int, d: int, dtype: str) -> bool:

@@ -138,13 +138,13 @@ def _record(module, call) -> list:
     return recorder.launches
 
 
-def _gram_launches(spec: dict) -> list:
+def _gram_launches(spec: dict, batch: int = 4096) -> list:
     import torch
 
     from pmrl_kernels.ops import triton_gram
 
     dtype = getattr(torch, spec["dtype"])
-    b, m, d = 4096, spec["m"], spec["d"]
+    b, m, d = batch, spec["m"], spec["d"]
     z = torch.randn(b, m, d, dtype=dtype)
     zs = list(z.unbind(1))
     s, u = torch.rand(b, m), torch.rand(b, m, m)

@@ -203,11 +203,10 @@ def test_contrastive_variants_change_the_launches():
     """Each contrastive variant gpu_check times changes the forward's or the backward's launch at B = 4096,
     D = 512, and puts its knob back."""
     tc = pytest.importorskip("pmrl_kernels.ops.triton_contrastive")
-    lead, lse = torch.randn(4096, 512), torch.randn(4096)
+    spec = dict(b=4096, d=512, precision="ieee", same=True)
 
     def launches():
-        return gc.launches_of(tc, lambda: (tc.contrastive_fwd._init_fn(lead, lead, 0.1, 0, "ieee"),
-                                           tc.contrastive_sym_bwd._init_fn(lead, lse, lse, lse, 0.1, "ieee")))
+        return [(grid, kwargs) for _, grid, _, kwargs in gc.static_check_module()._contrastive_launches(spec)]
 
     before = {k: getattr(tc, k) for knobs in gc.CONTRASTIVE_VARIANTS.values() for k in knobs}
     default = launches()

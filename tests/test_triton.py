@@ -104,8 +104,8 @@ def test_gram_launch_config_fits_the_register_budget(m, d, direction, itemsize, 
         BLOCK_B=64, BLOCK_D=d_pad if resident else min(d_pad, 512), RESIDENT=resident)
 
 
-def test_gram_launches_take_num_warps(monkeypatch):
-    """Both Gram kernels launch with NUM_WARPS warps (gpu_check times 1 against the default 4)."""
+def _launch_kwargs(monkeypatch, call) -> list[dict]:
+    """The keyword arguments (constexprs, num_warps) of the Gram kernel launches `call` makes, recorded, not run."""
     seen = []
 
     class Recorder:
@@ -113,15 +113,22 @@ def test_gram_launches_take_num_warps(monkeypatch):
             return self
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.append(kwargs["num_warps"])
+            return lambda *args, **kwargs: seen.append(kwargs)
 
     monkeypatch.setattr(triton_gram, "wrap_triton", Recorder())
+    call()
+    return seen
+
+
+def test_gram_launches_take_num_warps(monkeypatch):
+    """Both Gram kernels launch with NUM_WARPS warps (gpu_check times 1 against the default 4)."""
     monkeypatch.setattr(triton_gram, "NUM_WARPS", 1)
     zs = list(torch.randn(8, 3, 16).unbind(1))
     s, u = torch.rand(8, 3), torch.rand(8, 3, 3)
-    triton_gram.gram_eig_fwd._init_fn(zs, True)
-    triton_gram.gram_eig_bwd._init_fn(zs, s, u, torch.rand(8, 3), torch.rand(8, 16), True)
-    assert seen == [1, 1]
+    launches = _launch_kwargs(monkeypatch, lambda: (
+        triton_gram.gram_eig_fwd._init_fn(zs, True),
+        triton_gram.gram_eig_bwd._init_fn(zs, s, u, torch.rand(8, 3), torch.rand(8, 16), True)))
+    assert [kw["num_warps"] for kw in launches] == [1, 1]
 
 
 def test_gram_launch_config_rejects_a_bad_direction():
@@ -310,15 +317,8 @@ def test_jacobi_orderings_match_the_reference(case, ordering, monkeypatch):
 
 def test_forward_takes_the_parallel_ordering_above_m_8(monkeypatch):
     """The launcher's choice (README, docs/maths.md "Sweep ordering"): cyclic up to M = 8, parallel above."""
-    launches = []
-
-    class _Grid:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(kwargs)
-
-    monkeypatch.setattr(triton_gram, "wrap_triton", lambda kernel: _Grid())
-    for m in (2, 8, 9, 16):
-        triton_gram.gram_eig_fwd._init_fn([torch.randn(4, 8) for _ in range(m)], True)
+    launches = _launch_kwargs(monkeypatch, lambda: [
+        triton_gram.gram_eig_fwd._init_fn([torch.randn(4, 8) for _ in range(m)], True) for m in (2, 8, 9, 16)])
     assert [kw["PARALLEL_JACOBI"] for kw in launches] == [False, False, True, True]
 
 
