@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -913,6 +914,7 @@ def triton_variant(fn, provider: str):
 # the contrastive term's matmul precision, as torch would choose it: float32_matmul_precision "highest" (IEEE fp32),
 # "high" (TF32), or bf16 operands under torch.autocast
 CONTRASTIVE_PRECISIONS = ("ieee", "tf32", "bf16")
+CONTRASTIVE_BACKENDS = ("triton", "blocked")
 
 
 def at_precision(fn, precision: str, device_type: str):
@@ -930,6 +932,20 @@ def at_precision(fn, precision: str, device_type: str):
         finally:
             torch.set_float32_matmul_precision(saved)
     return run
+
+
+# the forward on rows with disjoint feature supports (disjoint_rows): the same bytes as on random rows, but a
+# diagonal Gram matrix, on which the Jacobi solve stops at its first test without a rotation. Beside the random
+# rows' time it says what the eigen-solve costs: every lane of a CUDA instance runs it, and spreading it over the
+# lanes (instances solved side by side) pays only if this share is large
+DIAGONAL = "-diag"
+
+
+def disjoint_rows(torch, zs):
+    """zs with row k kept on the k-th of M equal blocks of features and zeroed elsewhere (no gradient)."""
+    m, d = len(zs), zs[0].shape[1]
+    block = torch.arange(d, device=zs[0].device) * m // d
+    return [(z.detach() * (block == k).to(z.dtype)).contiguous() for k, z in enumerate(zs)]
 
 
 def cmd_bench(args):
@@ -982,27 +998,32 @@ def cmd_bench(args):
         for be in backends:
             if args.dry_run and be == "triton" and dt != "float32":
                 continue  # the interpreter takes about a second a call: float32 only in the dry run
-            cells.append((dict(target="gram_svd", mode="fwd", provider=be),
-                          lambda be=be, zs=zs: pk.gram_svd(zs, backend=be)))
-            cells.append((dict(target="gram_svd", mode="fwd+bwd", provider=be),
-                          lambda be=be, zs=zs, g=(gs, gl): torch.autograd.grad(
-                              pk.gram_svd(zs, backend=be)[::2], zs, list(g))))
+            gram = [(dict(target="gram_svd", mode="fwd", provider=be),
+                     lambda be=be, zs=zs: pk.gram_svd(zs, backend=be)),
+                    (dict(target="gram_svd", mode="fwd+bwd", provider=be),
+                     lambda be=be, zs=zs, g=(gs, gl): torch.autograd.grad(
+                         pk.gram_svd(zs, backend=be)[::2], zs, list(g)))]
+            cells += gram
+            cells.append((dict(target="gram_svd", mode="fwd", provider=be + DIAGONAL),
+                          lambda be=be, zd=disjoint_rows(torch, zs): pk.gram_svd(zd, backend=be)))
             if be == "triton":  # the other paths at the same size: which is the faster here?
                 cells += [(dict(c, provider=p), triton_variant(fn, p)) for p in TRITON_VARIANTS
-                          if variant_differs(p, m, zs[0].shape[1], dt) for c, fn in cells[-2:]]
+                          if variant_differs(p, m, zs[0].shape[1], dt) for c, fn in gram]
             cells.append((dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=0.0),
                           lambda be=be, zs=zs: torch.autograd.grad(
                               pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=0.0, backend=be), zs)))
-        # the B x B contrastive term is Triton's under every backend on CUDA and does not depend on M: once, at the
-        # first M, in each precision torch would use for its matmul (CPU dry run: IEEE only)
+        # the B x B contrastive term does not depend on M: once, at the first M, by both its CUDA backends (Triton's
+        # kernels, and torch.mm in row blocks, with the gram_eig op "auto" picks) in each precision torch would
+        # use for its matmul (CPU dry run: IEEE only)
         if m == ms_[0] and "triton" in backends:
-            def loss_reg1(zs=zs):
+            def loss_reg1(zs=zs, provider="triton"):
                 return torch.autograd.grad(
-                    pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=1.0, backend="triton"), zs)
+                    pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=1.0, backend=provider), zs)
 
             for precision in ("ieee",) if args.dry_run else CONTRASTIVE_PRECISIONS:
-                cells.append((dict(target="loss", mode="fwd+bwd", provider="triton", reg_weight=1.0,
-                                   precision=precision), at_precision(loss_reg1, precision, device.type)))
+                cells += [(dict(target="loss", mode="fwd+bwd", provider=p, reg_weight=1.0, precision=precision),
+                           at_precision(partial(loss_reg1, provider=p), precision, device.type))
+                          for p in CONTRASTIVE_BACKENDS]
             if not args.dry_run:
                 cells += [(dict(target="loss", mode="fwd+bwd", provider=p, reg_weight=1.0, precision="ieee"),
                            at_precision(triton_variant(loss_reg1, p), "ieee", device.type))
@@ -1164,6 +1185,13 @@ def parse_ncu_csv(text: str) -> list[dict]:
     return sorted(kernels.values(), key=lambda k: k["id"] if isinstance(k["id"], int) else 0)
 
 
+# beside the bytes (gpu_check.sh's NCU_METRICS): the busiest SM pipe and the achieved occupancy in % of their
+# peaks, warp instructions executed, registers a thread
+NCU_SM_METRICS = {"sm_pct": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+                  "occupancy_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
+                  "warp_instructions": "smsp__inst_executed.sum", "registers": "launch__registers_per_thread"}
+
+
 def ncu_rows(kernels: list[dict], phases: list[dict], b: int, m: int, d: int) -> list[dict]:
     """Attribute kernels to phases by the spin_kernel markers, and add bytes over the floor."""
     z_bytes = b * m * d * 4
@@ -1178,7 +1206,8 @@ def ncu_rows(kernels: list[dict], phases: list[dict], b: int, m: int, d: int) ->
         t = k["metrics"].get("gpu__time_duration.sum")
         floor = z_bytes if p["pass"] == "fwd" else 2 * z_bytes  # fwd: read Z; bwd: read Z, write dZ
         row = dict(backend=p["backend"], pass_=p["pass"], kernel=k["kernel"][:80], grid=k["grid"], block=k["block"],
-                   dram_read_bytes=read, dram_write_bytes=write, time_s=t, floor_bytes=floor)
+                   dram_read_bytes=read, dram_write_bytes=write, time_s=t, floor_bytes=floor,
+                   **{name: k["metrics"].get(metric) for name, metric in NCU_SM_METRICS.items()})
         if read is not None and write is not None:
             row["bytes_over_floor"] = (read + write) / floor
             if t:
@@ -1497,7 +1526,8 @@ def summary_text(summary: dict) -> str:
         kernels = list(bench.get("backends") or KERNEL_BACKENDS_GPU)
         sizes = sorted({(r["M"], r["dtype"]) for r in rows}, key=lambda k: (k[0], k[1] != "float32"))
         w = 13
-        gram_providers = kernels + list(TRITON_VARIANTS) * ("triton" in kernels) + ["torch"]
+        gram_providers = [p for k in kernels for p in (k, k + DIAGONAL)] + list(TRITON_VARIANTS) * (
+            "triton" in kernels) + ["torch"]
         for mode in ("fwd", "fwd+bwd"):  # one table a mode: providers as columns
             lines.append(f"{'gram ' + ('f+b' if mode == 'fwd+bwd' else mode):<9}{'M':>3} {'dtype':<9}" +
                          "".join(f"{p.replace('triton-', 't-'):<{w}}" for p in gram_providers))
@@ -1507,11 +1537,14 @@ def summary_text(summary: dict) -> str:
                     for p in gram_providers))
         # reg1 (with the contrastive term): Triton's kernel in each matmul precision, and the recipe
         loss = [(0.0, p, None) for p in kernels + ["recipe"]] + \
-            [(1.0, "triton", prec) for prec in CONTRASTIVE_PRECISIONS] + \
+            [(1.0, p, prec) for p in CONTRASTIVE_BACKENDS for prec in CONTRASTIVE_PRECISIONS] + \
             [(1.0, p, "ieee") for p in CONTRASTIVE_VARIANTS] + [(1.0, "recipe", None)]
-        lines.append(f"{'loss f+b':<9}{'M':>3} {'dtype':<9}" + "".join(
-            f"{f'reg{reg:.0f}:' + (prec if p == 'triton' and prec else p.replace('triton-', 't-')):<{w}}"
-            for reg, p, prec in loss))
+
+        def label(reg, p, prec):  # reg1:ieee (Triton), reg1:b-ieee (blocked), reg1:t-k32 (a Triton variant)
+            name = {"triton": prec, "blocked": f"b-{prec}"}.get(p) if prec else None
+            return f"reg{reg:.0f}:" + (name or p.replace("triton-", "t-"))
+
+        lines.append(f"{'loss f+b':<9}{'M':>3} {'dtype':<9}" + "".join(f"{label(*c):<{w}}" for c in loss))
         for m, dt in sizes:
             lines.append(f"{'':<9}{m:>3} {dt:<9}" + "".join(
                 f"{cell(find(target='loss', provider=p, M=m, dtype=dt, reg_weight=reg, precision=prec))[:w - 1]:<{w}}"
@@ -1520,11 +1553,15 @@ def summary_text(summary: dict) -> str:
     if ncu.get("rows"):
         lines += ["", f"ncu on {ncu.get('device')} (B={ncu.get('B')} M={ncu.get('M')} D={ncu.get('D')} "
                       f"{ncu.get('dtype')}): DRAM bytes vs the floor (fwd: read Z; bwd: read Z + write dZ)",
-                  f"{'backend':<8}{'pass':<5}{'read MB':>10}{'write MB':>10}{'us':>9}{'GB/s':>8}{'x floor':>9}  kernel"]
+                  f"{'backend':<8}{'pass':<5}{'read MB':>10}{'write MB':>10}{'us':>9}{'GB/s':>8}{'x floor':>9}"
+                  f"{'SM%':>6}{'occ%':>6}{'Minst':>8}{'regs':>6}  kernel"]
         for r in ncu["rows"]:
+            inst = r.get("warp_instructions")
             lines.append(f"{r['backend']:<8}{r['pass_']:<5}{_f((r['dram_read_bytes'] or 0) / 1e6, '.1f'):>10}"
                          f"{_f((r['dram_write_bytes'] or 0) / 1e6, '.1f'):>10}{_f((r['time_s'] or 0) * 1e6, '.0f'):>9}"
-                         f"{_f(r.get('dram_gbps'), '.0f'):>8}{_f(r.get('bytes_over_floor'), '.2f'):>9}  "
+                         f"{_f(r.get('dram_gbps'), '.0f'):>8}{_f(r.get('bytes_over_floor'), '.2f'):>9}"
+                         f"{_f(r.get('sm_pct'), '.0f'):>6}{_f(r.get('occupancy_pct'), '.0f'):>6}"
+                         f"{_f(None if inst is None else inst / 1e6, '.1f'):>8}{_f(r.get('registers'), '.0f'):>6}  "
                          f"{r['kernel'][:40]}")
     lines += ["", f"files in {summary['out']}: {', '.join(summary['files'])}"]
     return "\n".join(line.rstrip() for line in lines) + "\n"

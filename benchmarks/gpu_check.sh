@@ -225,7 +225,12 @@ pystep correctness 120 correctness
 # 6. benchmark at B=65536, D=512
 pystep bench 100 bench
 
-# 7. Nsight Compute: DRAM bytes and time of one forward and one backward per kernel backend
+# 7. Nsight Compute: DRAM bytes and time of one forward and one backward per kernel backend, and what says
+# whether a kernel waits on memory or on its own instructions (the SM's busiest pipe, achieved occupancy, warp
+# instructions, registers): whether the eigen-solve that every lane of a CUDA instance runs is worth spreading
+NCU_METRICS=dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum,\
+sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,\
+smsp__inst_executed.sum,launch__registers_per_thread
 secs=$(budget ncu 60)
 if [[ -z ${NCU:-} ]]; then
   finish ncu --skip "ncu not found"
@@ -234,7 +239,7 @@ elif ((secs < 15)); then
 else
   say "ncu: up to ${secs}s"
   run_timed ncu "$secs" "$OUT/ncu.txt" "$NCU" --clock-control none \
-    --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+    --metrics "$NCU_METRICS" \
     --profile-from-start off --target-processes all --launch-count 40 --csv --print-units base \
     "$PY" benchmarks/gpu_check.py ncu-driver
   finish ncu

@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence, Union, runti
 
 import torch
 
-from .ops import triton_common
+from .ops import contrastive_common, triton_common
 
 OPS = ("gram_eig", "contrastive")
 
@@ -80,6 +80,7 @@ REGISTRY = {
         BackendSpec("reference", {"gram_eig": "pmrl_kernels.reference", "contrastive": "pmrl_kernels.reference"}, ()),
         BackendSpec("cpp", {"gram_eig": "pmrl_kernels.ops.extension"}, ("cpu",)),
         BackendSpec("cuda", {"gram_eig": "pmrl_kernels.ops.extension"}, ("cuda",)),
+        BackendSpec("blocked", {"contrastive": "pmrl_kernels.ops.blocked_contrastive"}, ()),
         BackendSpec(
             "triton",
             {"gram_eig": "pmrl_kernels.ops.triton_gram", "contrastive": "pmrl_kernels.ops.triton_contrastive"},
@@ -99,6 +100,11 @@ AUTO_ORDER = {
 # and in local memory above. So past CUDA_REGISTER_MAX_M modalities "auto" tries these instead.
 CUDA_REGISTER_MAX_M = 8
 AUTO_ORDER_MANY_MODALITIES = {"gram_eig": {"cuda": ("triton", "cuda", "reference")}}
+# The contrastive term at torch's default float32 matmul precision ("highest": IEEE fp32 products): Triton's kernel
+# then multiplies on the FMA units and took 2.0 s at B = 65536, D = 512 on the H200, a tenth of the fp32 peak,
+# where cuBLAS's SGEMM runs near it; the blocked backend puts its 4 GEMM-equivalents on torch.mm (a prediction of
+# about 0.3 s, not yet measured: benchmarks/gpu_check.sh times both). Under TF32 or autocast Triton stays first.
+AUTO_ORDER_IEEE = {"contrastive": {"cuda": ("blocked", "triton", "reference")}}
 
 
 def auto_order(op: str, device_type: str, inputs: tuple) -> tuple[str, ...]:
@@ -108,6 +114,9 @@ def auto_order(op: str, device_type: str, inputs: tuple) -> tuple[str, ...]:
         modalities = len(zs) if isinstance(zs, (list, tuple)) else zs.shape[1]
         if modalities > CUDA_REGISTER_MAX_M and device_type in AUTO_ORDER_MANY_MODALITIES[op]:
             return AUTO_ORDER_MANY_MODALITIES[op][device_type]
+    if (op == "contrastive" and device_type in AUTO_ORDER_IEEE[op]
+            and contrastive_common.operand_precision(device_type) == "ieee"):
+        return AUTO_ORDER_IEEE[op][device_type]
     return AUTO_ORDER[op].get(device_type, ("reference",))
 
 _IMPORT_FAILED: set[str] = set()

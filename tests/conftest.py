@@ -164,6 +164,59 @@ def check_contrastive(fn, device, b, n, d, same, tau, offset, seed=12):
         assert_fa_close(actual, exact, base, name, 1e-5)
 
 
+NEAR_OPTIMUM_MARGINS = [30.0, 20.0, 3.0, 0.5, -5.0]
+
+
+def check_contrastive_near_optimum(fn, device, margin, seed=8):
+    """A contrastive op `fn(rows, cols, tau_reg, offset)` with each target logit `margin` above the row's largest
+    other logit (the others uniform in [-10, 10]): at margins 20-30 the loss is ~1e-9-1e-13. Columns are unit
+    vectors, so the float32 logits are the rows' entries exactly and any error is the softmax's: the loss to 1e-5
+    relative, its gradient by the accuracy rule, against float64."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = 40, 48
+    logits = torch.rand(n, n, generator=g) * 20.0 - 10.0
+    others = logits.masked_fill(torch.eye(n, dtype=torch.bool), -float("inf")).max(1).values
+    logits[range(n), range(n)] = others + margin
+    rows = torch.cat([logits, torch.randn(n, d - n, generator=g)], 1)
+    cols = torch.eye(n, d)
+    grad = torch.randn(n, generator=g)
+    results = []
+    for dtype, dev, impl in ((torch.float64, "cpu", terms.contrastive), (torch.float32, "cpu", terms.contrastive),
+                             (torch.float32, device, fn)):
+        r = rows.to(dev, dtype).requires_grad_()
+        loss = impl(r, cols.to(dev, dtype), 1.0, 0)
+        results.append((f64(loss), *torch.autograd.grad(loss, r, grad.to(dev, dtype))))
+    (_, exact_grad), (_, base_grad), (loss, d_rows) = results
+    # logsumexp - s_target cancels in float64 too (an ulp of 40 is 7e-15): the loss in its log1p form
+    gaps = f64(logits) - f64(torch.diagonal(logits))[:, None]
+    exact = torch.log1p(gaps.masked_fill(torch.eye(n, dtype=torch.bool), -float("inf")).exp().sum(1))
+    rel = ((loss - exact).abs() / exact).max().item()
+    assert rel < 1e-5, f"loss: relative error {rel:.3g} (smallest loss {exact.min().item():.3g})"
+    assert_fa_close(d_rows, exact_grad, base_grad, "d rows", 1e-5)
+
+
+def check_contrastive_under_autocast(fn, device, dtype, seed=5):
+    """A contrastive op under torch.autocast with 16-bit `dtype`: by the accuracy rule, with terms.contrastive
+    under torch.autocast (CPU) as the baseline in the same precision; the loss comes back in float32."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(40, 32, generator=g)
+    cols = torch.randn(50, 32, generator=g)
+    grad = torch.randn(40, generator=g)
+    results = []
+    for kind in ("kernel", "base", "exact"):
+        dev = device if kind == "kernel" else "cpu"
+        work = torch.float64 if kind == "exact" else torch.float32
+        r = rows.to(dev, work).requires_grad_()
+        c = cols.to(dev, work).requires_grad_()
+        impl = fn if kind == "kernel" else terms.contrastive
+        with torch.autocast(dev, dtype=dtype, enabled=kind != "exact"):
+            loss = impl(r, c, 0.5, 10)
+        results.append((loss, *torch.autograd.grad(loss, (r, c), grad.to(dev, loss.dtype))))
+    assert results[0][0].dtype == torch.float32
+    for name, actual, base, exact in zip(("loss", "d rows", "d cols"), *results):
+        assert_fa_close(actual, exact, base, name, 1e-5)
+
+
 @pytest.fixture(scope="session")
 def static_report(tmp_path_factory):
     """benchmarks/static_check.py's report (every CUDA and Triton kernel compiled for sm_90), computed once per

@@ -37,7 +37,7 @@ from conftest import (
 from pmrl_kernels import backends, gram_svd, pmrl_loss, reference, terms
 from pmrl_kernels.constants import MAX_MODALITIES, NORM_EPS, SIGN_TOL
 from pmrl_kernels.inputs import compute_dtype
-from pmrl_kernels.ops import triton_common
+from pmrl_kernels.ops import contrastive_common, triton_common
 
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
@@ -287,15 +287,18 @@ def test_every_registered_module_follows_its_protocol():
             except ImportError:
                 continue  # e.g. triton not installed: the registry then never offers it
             assert_follows(module, backends.OP_PROTOCOLS[op])
-    for op, order in [*backends.AUTO_ORDER.items(), *backends.AUTO_ORDER_MANY_MODALITIES.items()]:
+    for op, order in [*backends.AUTO_ORDER.items(), *backends.AUTO_ORDER_MANY_MODALITIES.items(),
+                      *backends.AUTO_ORDER_IEEE.items()]:
         for device_type, names in order.items():
             assert names[-1] == "reference", f"auto must end at the reference for {op} on {device_type}"
             assert all(op in backends.REGISTRY[n].ops for n in names), (op, device_type, names)
 
 
-def test_auto_order_on_cuda_follows_the_h200_measurement():
+def test_auto_order_on_cuda_follows_the_h200_measurement(monkeypatch):
     """On CUDA the compiled gram_eig leads up to CUDA_REGISTER_MAX_M modalities, Triton above (list and [B, M, D]
-    input alike); the contrastive term and the CPU keep one order."""
+    input alike); the contrastive term takes the blocked backend (torch.mm) at torch's default IEEE fp32 matmul
+    precision, where Triton's kernel ran on FMA units, and Triton under TF32 and autocast; the CPU keeps one
+    order."""
     limit = backends.CUDA_REGISTER_MAX_M
     for m, first in ((2, "cuda"), (limit, "cuda"), (limit + 1, "triton"), (16, "triton")):
         z = torch.zeros(2, m, 3)
@@ -303,7 +306,33 @@ def test_auto_order_on_cuda_follows_the_h200_measurement():
             assert backends.auto_order("gram_eig", "cuda", (zs,))[0] == first, m
             assert backends.auto_order("gram_eig", "cpu", (zs,)) == ("cpp", "reference")
     rows = torch.zeros(2, 3)
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert backends.auto_order("contrastive", "cuda", (rows, rows)) == ("blocked", "triton", "reference")
+    assert backends.auto_order("contrastive", "cpu", (rows, rows)) == ("reference",)
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert backends.auto_order("contrastive", "cuda", (rows, rows)) == ("triton", "reference")
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    monkeypatch.setattr(contrastive_common, "operand_precision", lambda device_type: "bf16")  # under autocast
     assert backends.auto_order("contrastive", "cuda", (rows, rows)) == ("triton", "reference")
+
+
+def test_compiled_code_follows_the_matmul_precision():
+    """torch.compile reads the contrastive term's precision (contrastive_common.operand_precision) when it traces,
+    and a change of torch's float32 matmul precision retraces: the backend choice and the kernels' precision follow
+    the setting in compiled code as in eager."""
+    def first_backend(rows):
+        return rows + len(backends.auto_order("contrastive", "cuda", (rows, rows))[0])
+
+    compiled = torch.compile(first_backend, fullgraph=True, backend="aot_eager")
+    rows = torch.zeros(2)
+    try:
+        for setting, name in (("highest", "blocked"), ("high", "triton"), ("highest", "blocked")):
+            torch.set_float32_matmul_precision(setting)
+            assert compiled(rows).tolist() == [len(name)] * 2, setting
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
 
 def test_the_suite_covers_the_registry():

@@ -120,6 +120,10 @@ NCU_CSV = """==PROF== Connected to process 123 (/usr/bin/python3.12)
 "3","123","python3.12","127.0.0.1","backward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","540000000"
 "3","123","python3.12","127.0.0.1","backward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","byte","536870912"
 "3","123","python3.12","127.0.0.1","backward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","300000"
+"3","123","python3.12","127.0.0.1","backward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","sm__throughput.avg.pct_of_peak_sustained_elapsed","%","37.5"
+"3","123","python3.12","127.0.0.1","backward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","sm__warps_active.avg.pct_of_peak_sustained_active","%","61.25"
+"3","123","python3.12","127.0.0.1","backward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","smsp__inst_executed.sum","inst","12,345,678"
+"3","123","python3.12","127.0.0.1","backward_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","launch__registers_per_thread","register/thread","96"
 ==PROF== Disconnected from process 123
 """
 
@@ -135,6 +139,9 @@ def test_ncu_csv_is_parsed_and_attributed_by_the_spin_markers():
     assert fwd["time_s"] == pytest.approx(190.5e-6)
     assert fwd["bytes_over_floor"] == pytest.approx((536870912 + 134.22e6) / 536870912)
     assert bwd["bytes_over_floor"] == pytest.approx((540000000 + 536870912) / (2 * 536870912))
+    assert (bwd["sm_pct"], bwd["occupancy_pct"], bwd["warp_instructions"], bwd["registers"]) == (
+        37.5, 61.25, 12345678, 96)
+    assert fwd["sm_pct"] is None and fwd["registers"] is None  # metrics ncu did not report stay empty
     assert gc.parse_ncu_csv("==ERROR== no kernels were profiled\n") == []
 
 
@@ -197,6 +204,25 @@ def test_gram_variants_change_the_launches():
     assert differs == {"triton-chunked": [4], "triton-one-pass": [4], "triton-1-warp": [4, 16],
                        "triton-2-warps": [4, 16], "triton-cyclic": [16], "triton-parallel": [4]}, differs
     assert {k: getattr(triton_gram, k) for k in before} == before
+
+
+@pytest.mark.parametrize("m,d", [(4, 32), (4, 512), (16, 512), (3, 10)])
+def test_disjoint_rows_skip_the_eigen_solve(m, d):
+    """The bench's "-diag" cells: disjoint_rows keeps each row on its own block of features, so the Gram matrix is
+    diagonal and the kernels' Jacobi solves return without a rotation: U holds only 0 and +-1 (a rotation would
+    leave other values), while S are the rows' norms."""
+    zs = [t.requires_grad_() for t in torch.randn(6, m, d, generator=torch.Generator().manual_seed(m + d)).unbind(1)]
+    zd = gc.disjoint_rows(torch, zs)
+    z = torch.stack(zd, 1)
+    assert not any(t.requires_grad for t in zd)
+    assert all(torch.equal(a[b != 0], b[b != 0]) for a, b in zip(zs, zd))  # the values kept are the input's
+    gram = z @ z.transpose(1, 2)
+    assert torch.equal(gram, torch.diag_embed(torch.diagonal(gram, dim1=1, dim2=2)))
+    assert (torch.diagonal(gram, dim1=1, dim2=2) > 0).all()  # every row keeps some features
+    for backend in [b for b in ("cpp", "triton") if b in pk.available_backends("cpu")]:
+        s, u, _ = pk.gram_svd(zd, normalize=False, backend=backend)
+        assert set(u.unique().tolist()) <= {-1.0, 0.0, 1.0}, backend
+        torch.testing.assert_close(s, z.norm(dim=2).sort(dim=1, descending=True).values, msg=backend)
 
 
 def test_contrastive_variants_change_the_launches():
@@ -328,8 +354,13 @@ def test_summary_of_a_gpu_run_renders_in_60_lines(tmp_path, capsys):
                 for mode in ("fwd", "fwd+bwd"):
                     bench.append(dict(target="gram_svd", mode=mode, provider=be, dtype=dt, M=m, status="ok",
                                       median_ms=1.5, copy_fraction=0.8, device=dev, B=65536, D=512))
+                bench.append(dict(target="gram_svd", mode="fwd", provider=be + gc.DIAGONAL, dtype=dt, M=m,
+                                  status="ok", median_ms=0.625, copy_fraction=0.9, device=dev, B=65536, D=512))
                 bench.append(dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=0.0, dtype=dt, M=m,
                                   status="ok", median_ms=2.5, copy_fraction=0.5, device=dev, B=65536, D=512))
+            for prec, ms in (("ieee", 375.5), ("tf32", 70.25), ("bf16", 40.5)) if m == 4 else ():
+                bench.append(dict(target="loss", mode="fwd+bwd", provider="blocked", reg_weight=1.0, precision=prec,
+                                  dtype=dt, M=m, device=dev, B=65536, D=512, status="ok", median_ms=ms))
             for prec, ms in (("ieee", None), ("tf32", 61.5), ("bf16", 33.25)) if m == 4 else ():
                 bench.append(dict(target="loss", mode="fwd+bwd", provider="triton", reg_weight=1.0, precision=prec,
                                   dtype=dt, M=m, device=dev, B=65536, D=512, **(
@@ -359,7 +390,9 @@ def test_summary_of_a_gpu_run_renders_in_60_lines(tmp_path, capsys):
     assert len(lines) <= 60, text
     for needle in ("NVIDIA H200", "bench on NVIDIA H200", "cuda", "triton", "recipe", "skip ~200s", "reg1:tf32",
                    "61.5", "33.2", "2020 once", "reg0:triton", "reg1:t-k32", "812",
-                   "ERROR cuda random", "illegal memory access", "ncu on NVIDIA H200", "forward_kernel"):
+                   "ERROR cuda random", "illegal memory access", "ncu on NVIDIA H200", "forward_kernel",
+                   "cuda-diag", "t-diag", "0.625 (90%)", "SM%", "12.3", "reg1:b-ieee", "reg1:b-bf16", "376",
+                   "70.2", "40.5"):
         assert needle in text, needle
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"]["correctness"] == "failed" and summary["status"]["ncu"] == "ok"

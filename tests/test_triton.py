@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import (
-    assert_fa_close, check_contrastive, correlated, degenerate_cases, f64, fa_atol, requires_cuda,
+    NEAR_OPTIMUM_MARGINS, assert_fa_close, check_contrastive, check_contrastive_near_optimum,
+    check_contrastive_under_autocast, correlated, degenerate_cases, f64, fa_atol, requires_cuda,
 )
 from pmrl_kernels import backends, pmrl_loss, reference, terms
 from pmrl_kernels.constants import MAX_MODALITIES, MIN_MODALITIES
@@ -19,7 +20,9 @@ triton_gram = pytest.importorskip("pmrl_kernels.ops.triton_gram")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from pmrl_kernels.ops import triton_common, triton_contrastive, triton_instance  # noqa: E402
+from pmrl_kernels.ops import (  # noqa: E402
+    contrastive_common, triton_common, triton_contrastive, triton_instance,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETING = triton_common.interpreting()
@@ -395,34 +398,11 @@ def test_contrastive_backward_survives_logits_one_ulp_off(same):
         assert_fa_close(actual, exact, base, name, 1e-5)
 
 
-@pytest.mark.parametrize("margin", [30.0, 20.0, 3.0, 0.5, -5.0])
+@pytest.mark.parametrize("margin", NEAR_OPTIMUM_MARGINS)
 def test_contrastive_loss_keeps_relative_precision_near_the_optimum(margin):
-    """Each target logit `margin` above the row's largest other logit (the others uniform in [-10, 10]): at
-    margin 20-30 the loss is ~1e-9-1e-13, where logsumexp - s_target is 0 or an ulp of s_target in float32; near
-    3 it crosses the series cut-over of _log1p; at -5 the target is not the maximum. Columns are unit vectors, so
-    the float32 logits are the rows' entries exactly and any error is the softmax's: the loss to 1e-5 relative,
-    its gradient by the accuracy rule, against float64."""
-    g = torch.Generator().manual_seed(8)
-    n, d = 40, 48
-    logits = torch.rand(n, n, generator=g) * 20.0 - 10.0
-    others = logits.masked_fill(torch.eye(n, dtype=torch.bool), -float("inf")).max(1).values
-    logits[range(n), range(n)] = others + margin
-    rows = torch.cat([logits, torch.randn(n, d - n, generator=g)], 1)
-    cols = torch.eye(n, d)
-    grad = torch.randn(n, generator=g)
-    results = []
-    for dtype, device, fn in ((torch.float64, "cpu", terms.contrastive), (torch.float32, "cpu", terms.contrastive),
-                              (torch.float32, DEVICE, triton_contrastive.contrastive)):
-        r = rows.to(device, dtype).requires_grad_()
-        loss = fn(r, cols.to(device, dtype), 1.0)
-        results.append((f64(loss), *torch.autograd.grad(loss, r, grad.to(device, dtype))))
-    (_, exact_grad), (_, base_grad), (loss, d_rows) = results
-    # logsumexp - s_target cancels in float64 too (an ulp of 40 is 7e-15): the loss in its log1p form
-    gaps = f64(logits) - f64(torch.diagonal(logits))[:, None]
-    exact = torch.log1p(gaps.masked_fill(torch.eye(n, dtype=torch.bool), -float("inf")).exp().sum(1))
-    rel = ((loss - exact).abs() / exact).max().item()
-    assert rel < 1e-5, f"loss: relative error {rel:.3g} (smallest loss {exact.min().item():.3g})"
-    assert_fa_close(d_rows, exact_grad, base_grad, "d rows", 1e-5)
+    """At margins 20-30 the loss is ~1e-9-1e-13, where logsumexp - s_target is 0 or an ulp of s_target in float32;
+    near 3 it crosses the series cut-over of _log1p; at -5 the target is not the maximum."""
+    check_contrastive_near_optimum(triton_contrastive.contrastive, DEVICE, margin)
 
 
 @triton.jit
@@ -459,17 +439,18 @@ def test_contrastive_rejects_bad_offset():
 
 
 def test_operand_precision_follows_torch():
+    operand_precision = contrastive_common.operand_precision
     device = DEVICE
-    assert triton_contrastive.operand_precision(device) == "ieee"
+    assert operand_precision(device) == "ieee"
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
-        assert triton_contrastive.operand_precision(device) == "tf32"
+        assert operand_precision(device) == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         with torch.autocast(device, dtype=dtype):
-            assert triton_contrastive.operand_precision(device) == name
+            assert operand_precision(device) == name
     with pytest.raises(ValueError, match="precision"):
         torch.ops.pmrl_kernels.triton_contrastive_fwd(torch.ones(2, 4, device=device), torch.ones(2, 4, device=device),
                                                       0.1, 0, "fp8")
@@ -484,25 +465,8 @@ INTERPRETER_TRUNCATES_BF16 = pytest.mark.xfail(
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=INTERPRETER_TRUNCATES_BF16), torch.float16])
 def test_contrastive_under_autocast_matches_torch_autocast(dtype):
     """Under torch.autocast the logits (and the backward's products) use 16-bit operands with fp32
-    accumulation, as torch's matmul does there: by the accuracy rule, with terms.contrastive under torch.autocast
-    (CPU) as the baseline in the same precision."""
-    g = torch.Generator().manual_seed(5)
-    rows = torch.randn(40, 32, generator=g)
-    cols = torch.randn(50, 32, generator=g)
-    grad = torch.randn(40, generator=g)
-    results = []
-    for kind in ("kernel", "base", "exact"):
-        device = DEVICE if kind == "kernel" else "cpu"
-        work = torch.float64 if kind == "exact" else torch.float32
-        r = rows.to(device, work).requires_grad_()
-        c = cols.to(device, work).requires_grad_()
-        fn = triton_contrastive.contrastive if kind == "kernel" else terms.contrastive
-        with torch.autocast(device, dtype=dtype, enabled=kind != "exact"):
-            loss = fn(r, c, 0.5, 10)
-        results.append((loss, *torch.autograd.grad(loss, (r, c), grad.to(device, loss.dtype))))
-    assert results[0][0].dtype == torch.float32
-    for name, actual, base, exact in zip(("loss", "d rows", "d cols"), *results):
-        assert_fa_close(actual, exact, base, name, 1e-5)
+    accumulation, as torch's matmul does there."""
+    check_contrastive_under_autocast(triton_contrastive.contrastive, DEVICE, dtype)
 
 
 # ----------------------------------------------------------------------------------------------- the interpreter

@@ -22,6 +22,7 @@ PROVIDER_LEGEND = {
     "reference": "this package's pure-PyTorch backend, the float64 oracle and the fallback",
     "cpp": "this package's C++ kernels (CPU), with their hand-written backward",
     "cuda": "this package's CUDA kernels, with their hand-written backward",
+    "blocked": "this package's contrastive term on torch's matmul in row blocks (the other op as backend='auto')",
     "triton": "this package's Triton kernels (on the CPU through Triton's interpreter: a correctness path only)",
 }
 LEGEND = """Providers:

@@ -17,9 +17,9 @@ of 5. A backward program owns
 BLOCK_DO (up to MAX_BLOCK_DO) features of its output: its logits are computed once per tile up to that D, and
 once per block of features above it, so the accumulator fits in registers for any D.
 
-Products run at the precision torch would use for the same matmul (operand_precision): IEEE fp32 under torch's
-default float32 matmul precision "highest", TF32 tensor cores under "high"/"medium", bf16/fp16 operands with fp32
-accumulation under torch.autocast. Inputs, logsumexp and outputs are float32.
+Products run at the precision torch would use for the same matmul (contrastive_common.operand_precision): IEEE
+fp32 under torch's default float32 matmul precision "highest", TF32 tensor cores under "high"/"medium", bf16/fp16
+operands with fp32 accumulation under torch.autocast. Inputs, logsumexp and outputs are float32.
 
 Op module of the contrastive op (pmrl_kernels.backends.ContrastiveModule): is_available, contrastive_unsupported,
 contrastive. float64 input is refused (backend="auto" falls back to the float64 reference).
@@ -34,7 +34,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..inputs import Temperature
-from ..terms import check_offset
+from .contrastive_common import check_precision, differentiable
 from .triton_common import interpreting, is_available
 
 __all__ = ["contrastive", "contrastive_unsupported", "is_available"]
@@ -61,7 +61,7 @@ _INTERPRETING = tl.constexpr(interpreting())
 
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b at the precision torch would use for the same matmul (see operand_precision): bf16/fp16
+    """acc + a @ b at the precision torch would use for the same matmul (contrastive_common.operand_precision): bf16/fp16
     operands (fp32 accumulation) under autocast, else fp32 operands as TF32 or IEEE. Triton's interpreter
     mis-reads 16-bit dots, so there the operands are rounded to 16 bits and multiplied in IEEE fp32: the same
     products (exact in fp32) and fp32 sums."""
@@ -204,32 +204,13 @@ def bwd_config(n_x: int, n_y: int, features: int) -> dict:
                 num_warps=NUM_WARPS)
 
 
-PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
-
-
-def operand_precision(device_type: str) -> str:
-    """The precision torch would use for the logits matmul here: "bf16"/"fp16" operands under torch.autocast
-    with that dtype, "tf32" when torch.get_float32_matmul_precision() is "high" or "medium", "ieee" (plain fp32)
-    for "highest", torch's default."""
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        if dtype in (torch.bfloat16, torch.float16):
-            return "bf16" if dtype == torch.bfloat16 else "fp16"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-
-
 @triton_op("pmrl_kernels::triton_contrastive_fwd", mutates_args=())
 def contrastive_fwd(
     rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss, logsumexp and P_target - 1 ([B] each, float32; the last two for the backward); rows [B, D],
     cols [N, D] float32 with unit feature stride."""
-    _check_precision(precision)
+    check_precision(precision)
     (batch, features), n_cols = rows.shape, cols.shape[0]
     loss = torch.empty(batch, device=rows.device, dtype=torch.float32)
     lse = torch.empty_like(loss)
@@ -259,7 +240,7 @@ def contrastive_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d rows [B, D], d cols [N, D]) in float32, given the forward's logsumexp and P_target - 1 and dL/dloss [B]:
     two launches, each recomputing its logits (4 GEMM-equivalents), no atomics."""
-    _check_precision(precision)
+    check_precision(precision)
     d_rows = torch.empty_like(rows)
     d_cols = torch.empty_like(cols)
     _launch_bwd(rows, cols, lse, target_pm1, grad_loss, d_rows, tau_reg, offset, ROWS, precision)
@@ -275,69 +256,21 @@ def contrastive_sym_bwd(
     """d lead [B, D] in float32 when rows and columns are the same tensor (offset 0), given the forward's
     logsumexp and P_target - 1: d rows + d cols in one launch from one logits tile per pair (2 GEMM-equivalents),
     no separate add."""
-    _check_precision(precision)
+    check_precision(precision)
     d_lead = torch.empty_like(lead)
     _launch_bwd(lead, lead, lse, target_pm1, grad_loss, d_lead, tau_reg, 0, SYMMETRIC, precision)
     return d_lead
 
 
-class _Contrastive(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int, precision: str):
-        loss, lse, target_pm1 = torch.ops.pmrl_kernels.triton_contrastive_fwd(rows, cols, tau_reg, offset, precision)
-        ctx.save_for_backward(rows, cols, lse, target_pm1)
-        ctx.tau_reg, ctx.offset, ctx.precision = tau_reg, offset, precision
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        d_rows, d_cols = torch.ops.pmrl_kernels.triton_contrastive_bwd(
-            *ctx.saved_tensors, grad_loss, ctx.tau_reg, ctx.offset, ctx.precision
-        )
-        return d_rows, d_cols, None, None, None
-
-
-class _SymmetricContrastive(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, lead: torch.Tensor, tau_reg: float, precision: str):
-        loss, lse, target_pm1 = torch.ops.pmrl_kernels.triton_contrastive_fwd(lead, lead, tau_reg, 0, precision)
-        ctx.save_for_backward(lead, lse, target_pm1)
-        ctx.tau_reg, ctx.precision = tau_reg, precision
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        d_lead = torch.ops.pmrl_kernels.triton_contrastive_sym_bwd(*ctx.saved_tensors, grad_loss, ctx.tau_reg,
-                                                                   ctx.precision)
-        return d_lead, None, None
-
-
-def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
-    """float32 with unit feature stride (differentiable; a no-op for the leads gram_eig returns)."""
-    return t.to(torch.float32).contiguous()
+_contrastive = differentiable(contrastive_fwd, contrastive_bwd, contrastive_sym_bwd, float32_only=True)
 
 
 def contrastive(rows: torch.Tensor, cols: torch.Tensor, tau_reg: Temperature, offset: int = 0) -> torch.Tensor:
     """Per-row InfoNCE [B] (float32) as terms.contrastive, tiled: no B x N matrix in forward or backward. The
-    products run at the precision torch would use for rows @ cols^T here (operand_precision). When rows and cols
-    are the same tensor (the loss without a gather), its gradient comes from one symmetric backward launch.
-
-    A 0-d tensor tau_reg never reaches the kernels as a number (reading it would sync the device and break
-    torch.compile): they run at temperature 1 on operands scaled by it, lead / sqrt(tau_reg) on both sides when
-    rows are columns (the symmetric launch stays), rows / tau_reg otherwise. Autograd of that O((B + N) D)
-    scaling gives d tau_reg = -(1 / tau_reg) sum_i rows_i . d rows_i (docs/maths.md, "Temperature gradients")."""
-    check_offset(rows, cols, offset)
-    precision = operand_precision(rows.device.type)
-    same = rows is cols
-    if isinstance(tau_reg, torch.Tensor):
-        rows = rows * tau_reg.rsqrt() if same else rows / tau_reg
-        cols = rows if same else cols
-        tau_reg = 1.0
-    if same:
-        return _SymmetricContrastive.apply(_as_kernel_input(rows), float(tau_reg), precision)
-    return _Contrastive.apply(_as_kernel_input(rows), _as_kernel_input(cols), float(tau_reg), int(offset), precision)
+    products run at the precision torch would use for rows @ cols^T here (contrastive_common.operand_precision).
+    When rows and cols are the same tensor (the loss without a gather), its gradient comes from one symmetric
+    backward launch. A 0-d tensor tau_reg gets its gradient (contrastive_common.differentiable)."""
+    return _contrastive(rows, cols, tau_reg, offset)
 
 
 def contrastive_unsupported(rows: torch.Tensor, cols: torch.Tensor) -> Optional[str]:

@@ -1,0 +1,100 @@
+"""What the contrastive op's backends share (pmrl_kernels/ops/triton_contrastive.py, blocked_contrastive.py): the
+precision torch would use for the logits matmul, and the autograd layer over a backend's three registered ops.
+
+Each backend registers a forward op (rows, cols, tau_reg, offset, precision) -> (loss, *saved), where saved are
+private tensors its backward needs (never the returned loss itself, so that editing the loss in place stays
+allowed), a backward op (rows, cols, *saved, grad_loss, tau_reg, offset, precision) -> (d rows, d cols), and a
+symmetric backward op (lead, *saved, grad_loss, tau_reg, precision) -> d lead for rows that are the columns
+(offset 0): d rows + d cols in one buffer, no separate add. `differentiable` turns the three into the op's
+`contrastive(rows, cols, tau_reg, offset)`. Imports no triton.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..inputs import Temperature, compute_dtype
+from ..terms import check_offset
+
+PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
+
+
+@torch.compiler.assume_constant_result
+def _float32_matmul_precision() -> str:
+    """torch.get_float32_matmul_precision(), which torch.compile cannot trace (it returns a str): read when the
+    graph is traced, as the settings a compiled graph runs under are."""
+    return torch.get_float32_matmul_precision()
+
+
+def operand_precision(device_type: str) -> str:
+    """The precision torch would use for the logits matmul here: "bf16"/"fp16" operands under torch.autocast
+    with that dtype, "tf32" when torch.get_float32_matmul_precision() is "high" or "medium", "ieee" (plain fp32)
+    for "highest", torch's default."""
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype in (torch.bfloat16, torch.float16):
+            return "bf16" if dtype == torch.bfloat16 else "fp16"
+    return "ieee" if _float32_matmul_precision() == "highest" else "tf32"
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+
+
+def differentiable(fwd: Callable, bwd: Callable, sym_bwd: Callable, float32_only: bool) -> Callable:
+    """The contrastive op (backends.ContrastiveModule.contrastive) over a backend's registered ops (module
+    docstring). Inputs go to the ops in their compute dtype (float32, or float64 unless float32_only).
+
+    A 0-d tensor tau_reg never reaches the ops as a number (reading it would sync the device and break
+    torch.compile): they run at temperature 1 on operands scaled by it, lead / sqrt(tau_reg) on both sides when
+    rows are columns (the symmetric backward stays), rows / tau_reg otherwise. Autograd of that O((B + N) D)
+    scaling gives d tau_reg = -(1 / tau_reg) sum_i rows_i . d rows_i (docs/maths.md, "Temperature gradients")."""
+
+    class Contrastive(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, rows, cols, tau_reg: float, offset: int, precision: str):
+            loss, *saved = fwd(rows, cols, tau_reg, offset, precision)
+            ctx.save_for_backward(rows, cols, *saved)
+            ctx.args = tau_reg, offset, precision
+            return loss
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_loss):
+            d_rows, d_cols = bwd(*ctx.saved_tensors, grad_loss, *ctx.args)
+            return d_rows, d_cols, None, None, None
+
+    class SymmetricContrastive(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, lead, tau_reg: float, precision: str):
+            loss, *saved = fwd(lead, lead, tau_reg, 0, precision)
+            ctx.save_for_backward(lead, *saved)
+            ctx.args = tau_reg, precision
+            return loss
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_loss):
+            return sym_bwd(*ctx.saved_tensors, grad_loss, *ctx.args), None, None
+
+    def contrastive(rows: torch.Tensor, cols: torch.Tensor, tau_reg: Temperature, offset: int = 0) -> torch.Tensor:
+        check_offset(rows, cols, offset)
+        precision = operand_precision(rows.device.type)
+        same = rows is cols
+        dtype = torch.float32 if float32_only else compute_dtype(torch.promote_types(rows.dtype, cols.dtype))
+
+        def op_input(t: torch.Tensor) -> torch.Tensor:
+            """dtype, unit feature stride (differentiable; a no-op for the leads gram_eig returns)."""
+            return t.to(dtype).contiguous()
+
+        if isinstance(tau_reg, torch.Tensor):
+            rows = rows * tau_reg.rsqrt() if same else rows / tau_reg
+            cols = rows if same else cols
+            tau_reg = 1.0
+        if same:
+            return SymmetricContrastive.apply(op_input(rows), float(tau_reg), precision)
+        return Contrastive.apply(op_input(rows), op_input(cols), float(tau_reg), int(offset), precision)
+
+    return contrastive

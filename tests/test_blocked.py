@@ -1,0 +1,151 @@
+"""The blocked contrastive backend (pmrl_kernels/ops/blocked_contrastive.py): its blocks, its work and memory
+bound, its precision. The conformance suite (test_conformance.py) runs its op-level checks against the float64
+reference with every other contrastive backend."""
+import pytest
+import torch
+
+from conftest import (
+    NEAR_OPTIMUM_MARGINS, check_contrastive, check_contrastive_near_optimum, check_contrastive_under_autocast, f64,
+)
+from pmrl_kernels import backends, pmrl_loss, terms
+from pmrl_kernels.ops import blocked_contrastive
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CASES = {"self": (40, 40, 80, True, 0.7, 0), "offset": (40, 70, 80, False, 0.7, 23)}  # as test_conformance's
+
+
+def test_registered_for_every_device():
+    for device in ("cpu", DEVICE):
+        assert backends.implementations("contrastive", device)["blocked"] is blocked_contrastive.contrastive
+    assert "gram_eig" not in backends.REGISTRY["blocked"].ops  # backend="blocked" takes gram_eig as "auto" does
+
+
+@pytest.mark.parametrize("rows_a_block", [1, 3, 17, 40])
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_block_size_matches_the_reference(case, rows_a_block, monkeypatch):
+    """Blocks of 1 row, of 3 and 17 (not dividing B = 40: a short last block) and one block: values and
+    gradients against float64, rows that are the columns and gathered columns with an offset."""
+    b, n = CASES[case][:2]
+    monkeypatch.setattr(blocked_contrastive, "BLOCK_ELEMENTS", rows_a_block * n)
+    assert blocked_contrastive.block_rows(b, n) == rows_a_block
+    check_contrastive(blocked_contrastive.contrastive, DEVICE, *CASES[case])
+
+
+def _record_products(monkeypatch):
+    """(m, k, n, float32 matmul precision, autocast on) of every product the backend forms."""
+    calls = []
+
+    def note(a, b):
+        calls.append((a.shape[0], a.shape[1], b.shape[1], torch.get_float32_matmul_precision(),
+                      torch.is_autocast_enabled(a.device.type)))
+
+    product, add_product = blocked_contrastive._product, blocked_contrastive._add_product
+
+    def recorded_product(a, b, precision):
+        note(a, b)
+        return product(a, b, precision)
+
+    def recorded_add_product(out, a, b, precision):
+        note(a, b)
+        add_product(out, a, b, precision)
+
+    monkeypatch.setattr(blocked_contrastive, "_product", recorded_product)
+    monkeypatch.setattr(blocked_contrastive, "_add_product", recorded_add_product)
+    return calls
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["rows_are_columns", "gathered_columns"])
+def test_four_gemm_equivalents_and_no_logits_past_a_block(same, monkeypatch):
+    """The docstring's work and memory: the products add up to 4 x 2 B N D flops (1 forward, 3 backward: the
+    logits recomputed, d rows, d cols) and no logits matrix holds more than BLOCK_ELEMENTS entries."""
+    b, n, d = 40, 40 if same else 70, 24
+    monkeypatch.setattr(blocked_contrastive, "BLOCK_ELEMENTS", 7 * n)
+    calls = _record_products(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(b, d, generator=g, device=DEVICE).requires_grad_()
+    cols = rows if same else torch.randn(n, d, generator=g, device=DEVICE).requires_grad_()
+    loss = blocked_contrastive.contrastive(rows, cols, 0.5, 0 if same else 11)
+    forward = len(calls)
+    loss.sum().backward()
+    assert sum(2 * m * k * nn for m, k, nn, *_ in calls) == 4 * 2 * b * n * d
+    logits = [(m, nn) for m, k, nn, *_ in calls if k == d and nn == n]  # rows_blk @ cols^T
+    assert forward == len(logits) // 2 == -(-b // 7)  # ceil(B / 7) blocks, once forward, once backward
+    assert max(m * nn for m, nn in logits) <= blocked_contrastive.BLOCK_ELEMENTS
+
+
+def test_backward_keeps_the_forwards_precision(monkeypatch):
+    """The products run at the precision of the call that made the loss, with autocast off inside (the 16-bit
+    casts are explicit): a backward run after the caller changed torch's setting keeps the forward's."""
+    calls = _record_products(monkeypatch)
+    rows = torch.randn(8, 16, device=DEVICE).requires_grad_()
+    for setting, expected in (("highest", "highest"), ("high", "high"), ("medium", "high")):
+        calls.clear()
+        try:
+            torch.set_float32_matmul_precision(setting)
+            loss = blocked_contrastive.contrastive(rows, rows, 0.5)
+        finally:
+            torch.set_float32_matmul_precision("highest" if setting != "highest" else "high")
+        loss.sum().backward()
+        torch.set_float32_matmul_precision("highest")
+        assert {c[3] for c in calls} == {expected} and not any(c[4] for c in calls), (setting, calls)
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_matches_torch_autocast(dtype):
+    """Under torch.autocast the logits and the backward's products are 16-bit, as torch's matmul gives them: the
+    accuracy rule with torch under autocast as the baseline, and the loss torch's own to a hundredth of that
+    baseline's error (an fp32 product would sit at the float64 value instead)."""
+    check_contrastive_under_autocast(blocked_contrastive.contrastive, DEVICE, dtype)
+    g = torch.Generator().manual_seed(5)
+    rows, cols = torch.randn(40, 32, generator=g).to(DEVICE), torch.randn(50, 32, generator=g).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=dtype):
+        got = blocked_contrastive.contrastive(rows, cols, 0.5, 10)
+        base = terms.contrastive(rows, cols, 0.5, 10)  # the same matmul, on the same device
+    exact = terms.contrastive(f64(rows), f64(cols), 0.5, 10)
+    assert (f64(got) - f64(base)).abs().max() <= 0.01 * (f64(base) - exact).abs().max()
+
+
+@pytest.mark.parametrize("margin", NEAR_OPTIMUM_MARGINS)
+def test_loss_keeps_relative_precision_near_the_optimum(margin):
+    """The log1p form: at margins 20-30 the loss is ~1e-9-1e-13, where logsumexp - s_target (what
+    terms.contrastive computes) is 0 or an ulp of s_target in float32."""
+    check_contrastive_near_optimum(blocked_contrastive.contrastive, DEVICE, margin)
+
+
+def test_the_loss_may_be_edited_in_place():
+    """The backward reads a private copy of the loss, not the returned tensor: editing that in place (a weighting,
+    say) is allowed, where a saved output would fail the backward's version check."""
+    rows = torch.randn(6, 8, device=DEVICE).requires_grad_()
+    (expected,) = torch.autograd.grad(blocked_contrastive.contrastive(rows, rows, 0.5).sum(), rows)
+    loss = blocked_contrastive.contrastive(rows, rows, 0.5)
+    loss.mul_(1.0)
+    (got,) = torch.autograd.grad(loss.sum(), rows)
+    torch.testing.assert_close(got, expected)
+
+
+def test_one_column_and_empty_batch():
+    """A single column is its own target (loss 0, gradient 0); an empty batch gives an empty loss."""
+    row = torch.randn(1, 5, device=DEVICE).requires_grad_()
+    loss = blocked_contrastive.contrastive(row, row, 0.3)
+    assert loss.tolist() == [0.0]
+    loss.sum().backward()
+    assert torch.equal(row.grad, torch.zeros_like(row))
+    empty = torch.zeros(0, 5, device=DEVICE)
+    assert blocked_contrastive.contrastive(empty, empty, 0.3).shape == (0,)
+
+
+def test_nan_stays_in_its_row():
+    """A NaN in one row's features makes that row's loss NaN and leaves the others finite when the columns are
+    another tensor."""
+    rows = torch.randn(6, 8, device=DEVICE)
+    rows[2, 3] = float("nan")
+    loss = blocked_contrastive.contrastive(rows, torch.randn(9, 8, device=DEVICE), 0.5, 1)
+    assert loss[2].isnan() and torch.isfinite(loss[torch.arange(6) != 2]).all()
+
+
+def test_pmrl_loss_with_the_blocked_backend():
+    """backend="blocked" runs the gram_eig op as "auto" would and the contrastive term blocked: the loss of the
+    reference backend."""
+    z = torch.randn(12, 3, 16, generator=torch.Generator().manual_seed(2), device=DEVICE)
+    torch.testing.assert_close(pmrl_loss(z, backend="blocked"), pmrl_loss(z, backend="reference"))
