@@ -1535,7 +1535,7 @@ def summary_text(summary: dict) -> str:
                 lines.append(f"{'':<9}{m:>3} {dt:<9}" + "".join(
                     f"{cell(find(target='gram_svd', provider=p, M=m, dtype=dt, mode=mode))[:w - 1]:<{w}}"
                     for p in gram_providers))
-        # reg1 (with the contrastive term): Triton's kernel in each matmul precision, and the recipe
+        # reg1 (with the contrastive term): both its backends in each matmul precision, the variants, the recipe
         loss = [(0.0, p, None) for p in kernels + ["recipe"]] + \
             [(1.0, p, prec) for p in CONTRASTIVE_BACKENDS for prec in CONTRASTIVE_PRECISIONS] + \
             [(1.0, p, "ieee") for p in CONTRASTIVE_VARIANTS] + [(1.0, "recipe", None)]
