@@ -103,7 +103,8 @@ AUTO_ORDER_MANY_MODALITIES = {"gram_eig": {"cuda": ("triton", "cuda", "reference
 # The contrastive term at torch's default float32 matmul precision ("highest": IEEE fp32 products): Triton's kernel
 # then multiplies on the FMA units and took 2.0 s at B = 65536, D = 512 on the H200, a tenth of the fp32 peak,
 # where cuBLAS's SGEMM runs near it; the blocked backend puts its 4 GEMM-equivalents on torch.mm (a prediction of
-# about 0.3 s, not yet measured: benchmarks/gpu_check.sh times both). Under TF32 or autocast Triton stays first.
+# 0.35-0.45 s at cuBLAS's usual 40-50 TFLOP/s, not yet measured: benchmarks/gpu_check.sh times both). Under TF32
+# or autocast Triton stays first.
 AUTO_ORDER_IEEE = {"contrastive": {"cuda": ("blocked", "triton", "reference")}}
 
 

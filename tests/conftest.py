@@ -193,6 +193,31 @@ def check_contrastive_near_optimum(fn, device, margin, seed=8):
     rel = ((loss - exact).abs() / exact).max().item()
     assert rel < 1e-5, f"loss: relative error {rel:.3g} (smallest loss {exact.min().item():.3g})"
     assert_fa_close(d_rows, exact_grad, base_grad, "d rows", 1e-5)
+    # with unit columns, d rows_ii = g_i (P_ii - 1): its relative precision is that of P - 1 = expm1(-loss), which
+    # exp(-loss) - 1 would lose (0 at a loss of 1e-13); so does float64 autograd of cross_entropy, so the exact
+    # value comes from the log1p form as well
+    target, target_exact = torch.diagonal(d_rows), f64(grad) * torch.expm1(-exact)
+    rel = ((target - target_exact).abs() / target_exact.abs()).max().item()
+    assert rel < 1e-5, f"d rows at the targets: relative error {rel:.3g}"
+
+
+def check_contrastive_at_large_logits(fn, device, seed=1):
+    """A contrastive op at losses of ~1e5: rows of norm ~85 at tau_reg 0.05, each row's nearest column (a near-copy
+    of another row) not its target; values and gradients by the accuracy rule (torch's float32 softmax is off by
+    4e-4 in d rows here)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(20, 8, generator=g) * 30
+    cols = rows[torch.randperm(20, generator=g)].repeat(3, 1) + 1e-3 * torch.randn(60, 8, generator=g)
+    grad = torch.randn(20, generator=g)
+    results = []
+    for impl, dtype, dev in ((fn, torch.float32, device), (terms.contrastive, torch.float32, "cpu"),
+                             (terms.contrastive, torch.float64, "cpu")):
+        r, c = rows.to(dev, dtype).requires_grad_(), cols.to(dev, dtype).requires_grad_()
+        loss = impl(r, c, 0.05, 17)
+        results.append((loss, *torch.autograd.grad(loss, (r, c), grad.to(dev, dtype))))
+    assert f64(results[2][0]).max() > 1e4
+    for what, got, base, exact in zip(("loss", "d rows", "d cols"), *results):
+        assert_fa_close(got, exact, base, what, fa_atol(torch.float32))
 
 
 def check_contrastive_under_autocast(fn, device, dtype, seed=5):

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from conftest import (
-    NEAR_OPTIMUM_MARGINS, check_contrastive, check_contrastive_near_optimum, check_contrastive_under_autocast, f64,
+    NEAR_OPTIMUM_MARGINS, check_contrastive, check_contrastive_at_large_logits, check_contrastive_near_optimum,
+    check_contrastive_under_autocast, f64,
 )
 from pmrl_kernels import backends, pmrl_loss, terms
-from pmrl_kernels.ops import blocked_contrastive
+from pmrl_kernels.ops import blocked_contrastive, contrastive_common
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = {"self": (40, 40, 80, True, 0.7, 0), "offset": (40, 70, 80, False, 0.7, 23)}  # as test_conformance's
@@ -32,22 +33,28 @@ def test_every_block_size_matches_the_reference(case, rows_a_block, monkeypatch)
 
 
 def _record_products(monkeypatch):
-    """(m, k, n, float32 matmul precision, autocast on) of every product the backend forms."""
+    """(m, k, n, precision argument, TF32 allowed, autocast on) of every product the backend forms."""
     calls = []
 
-    def note(a, b):
-        calls.append((a.shape[0], a.shape[1], b.shape[1], torch.get_float32_matmul_precision(),
+    def note(a, b, precision):
+        calls.append((a.shape[0], a.shape[1], b.shape[1], precision, contrastive_common._tf32_matmul(a.device.type),
                       torch.is_autocast_enabled(a.device.type)))
 
     product, add_product = blocked_contrastive._product, blocked_contrastive._add_product
+    inside = []  # _add_product's 16-bit path forms its product with _product: noted once
 
     def recorded_product(a, b, precision):
-        note(a, b)
+        if not inside:
+            note(a, b, precision)
         return product(a, b, precision)
 
     def recorded_add_product(out, a, b, precision):
-        note(a, b)
-        add_product(out, a, b, precision)
+        note(a, b, precision)
+        inside.append(True)
+        try:
+            add_product(out, a, b, precision)
+        finally:
+            inside.pop()
 
     monkeypatch.setattr(blocked_contrastive, "_product", recorded_product)
     monkeypatch.setattr(blocked_contrastive, "_add_product", recorded_add_product)
@@ -73,22 +80,52 @@ def test_four_gemm_equivalents_and_no_logits_past_a_block(same, monkeypatch):
     assert max(m * nn for m, nn in logits) <= blocked_contrastive.BLOCK_ELEMENTS
 
 
-def test_backward_keeps_the_forwards_precision(monkeypatch):
-    """The products run at the precision of the call that made the loss, with autocast off inside (the 16-bit
-    casts are explicit): a backward run after the caller changed torch's setting keeps the forward's."""
+def test_products_run_as_torchs_matmul_would(monkeypatch):
+    """IEEE or TF32 as torch's setting is when each product runs (the backend never changes it: as torch's matmul
+    and its autograd); 16-bit as the forward was under autocast, also for a backward run outside autocast; autocast
+    itself off inside, so a backward run inside an autocast region does not recast (it crashed on a dtype mismatch
+    when it did)."""
     calls = _record_products(monkeypatch)
     rows = torch.randn(8, 16, device=DEVICE).requires_grad_()
-    for setting, expected in (("highest", "highest"), ("high", "high"), ("medium", "high")):
-        calls.clear()
-        try:
+    try:
+        for setting, tf32 in (("highest", False), ("high", True)):
             torch.set_float32_matmul_precision(setting)
+            calls.clear()
             loss = blocked_contrastive.contrastive(rows, rows, 0.5)
-        finally:
-            torch.set_float32_matmul_precision("highest" if setting != "highest" else "high")
-        loss.sum().backward()
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):  # the backward inside an autocast region
+                loss.sum().backward()
+            assert {c[3:] for c in calls} == {("tf32" if tf32 else "ieee", tf32, False)}, (setting, calls)
+    finally:
         torch.set_float32_matmul_precision("highest")
-        assert {c[3] for c in calls} == {expected} and not any(c[4] for c in calls), (setting, calls)
-    assert torch.get_float32_matmul_precision() == "highest"
+    calls.clear()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = blocked_contrastive.contrastive(rows, rows, 0.5)
+    loss.sum().backward()  # outside autocast: the forward's 16-bit products again
+    assert {c[3] for c in calls} == {"bf16"} and len(calls) == 4 and not any(c[5] for c in calls)
+
+
+def test_float64_is_computed_in_float64():
+    """float64 rows and columns: loss and gradients those of terms.contrastive in float64 to 1e-12 (float32
+    anywhere on the way would leave errors of 1e-7)."""
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    cols = torch.randn(45, 20, generator=g, dtype=torch.float64)
+    grad = torch.randn(30, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (blocked_contrastive.contrastive, terms.contrastive):
+        r, c = rows.to(DEVICE).requires_grad_(), cols.to(DEVICE).requires_grad_()
+        loss = fn(r, c, 0.3, 7)
+        results.append((loss, *torch.autograd.grad(loss, (r, c), grad.to(DEVICE))))
+    assert results[0][0].dtype == torch.float64
+    for what, got, exact in zip(("loss", "d rows", "d cols"), *results):
+        torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12, msg=what)
+
+
+def test_gradient_at_large_logits():
+    """Losses of ~1e5 (conftest.check_contrastive_at_large_logits): a backward that took P from the rounded loss
+    (an ulp of 1e5 is 0.008) was off by 11 where torch's float32 softmax is off by 4e-4; with the log1p part kept
+    apart from the gap it meets the accuracy rule."""
+    check_contrastive_at_large_logits(blocked_contrastive.contrastive, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -144,8 +181,16 @@ def test_nan_stays_in_its_row():
     assert loss[2].isnan() and torch.isfinite(loss[torch.arange(6) != 2]).all()
 
 
-def test_pmrl_loss_with_the_blocked_backend():
-    """backend="blocked" runs the gram_eig op as "auto" would and the contrastive term blocked: the loss of the
-    reference backend."""
+def test_pmrl_loss_with_the_blocked_backend(monkeypatch):
+    """backend="blocked" runs the gram_eig op as "auto" would and the contrastive term blocked (its products
+    recorded): the loss and gradient of the reference backend."""
+    calls = _record_products(monkeypatch)
     z = torch.randn(12, 3, 16, generator=torch.Generator().manual_seed(2), device=DEVICE)
-    torch.testing.assert_close(pmrl_loss(z, backend="blocked"), pmrl_loss(z, backend="reference"))
+    results = []
+    for backend in ("blocked", "reference"):
+        x = z.clone().requires_grad_()
+        loss = pmrl_loss(x, backend=backend)
+        results.append((loss, *torch.autograd.grad(loss, x)))
+        assert len(calls) == 4, backend  # the blocked run's 1 + 3 products, none from the reference's
+    for got, exact in zip(*results):
+        torch.testing.assert_close(got, exact)

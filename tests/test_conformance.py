@@ -318,6 +318,35 @@ def test_auto_order_on_cuda_follows_the_h200_measurement(monkeypatch):
     assert backends.auto_order("contrastive", "cuda", (rows, rows)) == ("triton", "reference")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_operand_precision_follows_torch(device):
+    """The contrastive term's precision (contrastive_common.operand_precision): IEEE by default, TF32 under
+    torch.set_float32_matmul_precision("high") and under torch's newer per-backend setting, which leaves
+    torch.get_float32_matmul_precision raising (a program that mixed both APIs); 16-bit under autocast. The
+    contrastive ops refuse a precision they do not know."""
+    operand_precision = contrastive_common.operand_precision
+    assert operand_precision(device) == "ieee"
+    backend = torch.backends.cuda.matmul if device == "cuda" else torch.backends.mkldnn.matmul
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert operand_precision(device) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        backend.fp32_precision = "tf32"
+        with pytest.raises(RuntimeError):
+            torch.get_float32_matmul_precision()
+        assert operand_precision(device) == "tf32"
+        rows = torch.randn(4, 8, device=device)
+        assert backends.resolve("contrastive", "auto", (rows, rows))(rows, rows, 0.5, 0).shape == (4,)
+    finally:
+        torch.set_float32_matmul_precision("highest")  # both APIs back to the default, the legacy one readable
+    assert torch.get_float32_matmul_precision() == "highest" and operand_precision(device) == "ieee"
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        with torch.autocast(device, dtype=dtype):
+            assert operand_precision(device) == name
+    with pytest.raises(ValueError, match="precision"):
+        torch.ops.pmrl_kernels.blocked_contrastive_fwd(torch.ones(2, 4), torch.ones(2, 4), 0.1, 0, "fp8")
+
+
 def test_compiled_code_follows_the_matmul_precision():
     """torch.compile reads the contrastive term's precision (contrastive_common.operand_precision) when it traces,
     and a change of torch's float32 matmul precision retraces: the backend choice and the kernels' precision follow

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import (
-    NEAR_OPTIMUM_MARGINS, assert_fa_close, check_contrastive, check_contrastive_near_optimum,
-    check_contrastive_under_autocast, correlated, degenerate_cases, f64, fa_atol, requires_cuda,
+    NEAR_OPTIMUM_MARGINS, assert_fa_close, check_contrastive, check_contrastive_at_large_logits,
+    check_contrastive_near_optimum, check_contrastive_under_autocast, correlated, degenerate_cases, f64, fa_atol,
+    requires_cuda,
 )
 from pmrl_kernels import backends, pmrl_loss, reference, terms
 from pmrl_kernels.constants import MAX_MODALITIES, MIN_MODALITIES
@@ -20,9 +21,7 @@ triton_gram = pytest.importorskip("pmrl_kernels.ops.triton_gram")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from pmrl_kernels.ops import (  # noqa: E402
-    contrastive_common, triton_common, triton_contrastive, triton_instance,
-)
+from pmrl_kernels.ops import triton_common, triton_contrastive, triton_instance  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETING = triton_common.interpreting()
@@ -438,21 +437,17 @@ def test_contrastive_rejects_bad_offset():
             triton_contrastive.contrastive(rows, torch.randn(6, 16, device=DEVICE), 0.1, offset)
 
 
-def test_operand_precision_follows_torch():
-    operand_precision = contrastive_common.operand_precision
-    device = DEVICE
-    assert operand_precision(device) == "ieee"
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("high")
-        assert operand_precision(device) == "tf32"
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        with torch.autocast(device, dtype=dtype):
-            assert operand_precision(device) == name
+@pytest.mark.xfail(strict=True, reason="the backward takes P = exp(s - lse) from the saved logsumexp, whose rounding "
+                   "(an ulp of 1e5 is 0.008) enters every P (README, Limits)")
+def test_contrastive_gradient_at_large_logits():
+    """The limit README states, kept honest: when this passes, Triton's backward has stopped taking P from the
+    rounded logsumexp, and README's Limits entry goes."""
+    check_contrastive_at_large_logits(triton_contrastive.contrastive, DEVICE)
+
+
+def test_contrastive_ops_refuse_an_unknown_precision():
     with pytest.raises(ValueError, match="precision"):
-        torch.ops.pmrl_kernels.triton_contrastive_fwd(torch.ones(2, 4, device=device), torch.ones(2, 4, device=device),
+        torch.ops.pmrl_kernels.triton_contrastive_fwd(torch.ones(2, 4, device=DEVICE), torch.ones(2, 4, device=DEVICE),
                                                       0.1, 0, "fp8")
 
 

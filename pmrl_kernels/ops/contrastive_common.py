@@ -21,21 +21,30 @@ PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
 
 
 @torch.compiler.assume_constant_result
-def _float32_matmul_precision() -> str:
-    """torch.get_float32_matmul_precision(), which torch.compile cannot trace (it returns a str): read when the
-    graph is traced, as the settings a compiled graph runs under are."""
-    return torch.get_float32_matmul_precision()
+def _tf32_matmul(device_type: str) -> bool:
+    """Whether torch's float32 matmul on this device type may use TF32, read when a graph is traced (torch.compile
+    cannot trace the str-valued settings; a change of them retraces). From the per-backend setting
+    (torch.backends.cuda.matmul.fp32_precision, or mkldnn's off CUDA; "none" defers to torch.backends.fp32_precision),
+    which torch.set_float32_matmul_precision also sets and which, unlike torch.get_float32_matmul_precision, stays
+    readable when a program has used both of torch's APIs."""
+    backend = torch.backends.cuda.matmul if device_type == "cuda" else torch.backends.mkldnn.matmul
+    setting = getattr(backend, "fp32_precision", None)
+    if setting is None:  # a torch without the per-backend API
+        return torch.get_float32_matmul_precision() != "highest"
+    if setting == "none":
+        setting = torch.backends.fp32_precision
+    return setting == "tf32"
 
 
 def operand_precision(device_type: str) -> str:
     """The precision torch would use for the logits matmul here: "bf16"/"fp16" operands under torch.autocast
-    with that dtype, "tf32" when torch.get_float32_matmul_precision() is "high" or "medium", "ieee" (plain fp32)
-    for "highest", torch's default."""
+    with that dtype, "tf32" where torch's float32 matmul may use TF32 (torch.set_float32_matmul_precision "high"
+    or "medium", or fp32_precision "tf32"), "ieee" (plain fp32) otherwise, as under torch's default "highest"."""
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         if dtype in (torch.bfloat16, torch.float16):
             return "bf16" if dtype == torch.bfloat16 else "fp16"
-    return "ieee" if _float32_matmul_precision() == "highest" else "tf32"
+    return "tf32" if _tf32_matmul(device_type) else "ieee"
 
 
 def check_precision(precision: str) -> None:
