@@ -122,9 +122,9 @@ def test_float64_is_computed_in_float64():
 
 
 def test_gradient_at_large_logits():
-    """Losses of ~1e5 (conftest.check_contrastive_at_large_logits): a backward that took P from the rounded loss
-    (an ulp of 1e5 is 0.008) was off by 11 where torch's float32 softmax is off by 4e-4; with the log1p part kept
-    apart from the gap it meets the accuracy rule."""
+    """Losses of ~1e5 (conftest.check_contrastive_at_large_logits): a backward that took P from a stored loss or
+    logsumexp (an ulp of 1e5 is 0.008) was off by 11 where torch's float32 softmax is off by 4e-4; P normalised by
+    its own sum meets the accuracy rule."""
     check_contrastive_at_large_logits(blocked_contrastive.contrastive, DEVICE)
 
 

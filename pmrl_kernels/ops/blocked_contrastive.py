@@ -10,12 +10,14 @@ when the loss was computed under torch.autocast with that dtype (contrastive_com
 itself off inside. Under torch's default "highest" that is IEEE fp32, where cuBLAS's SGEMM runs near the fp32 peak
 and Triton's FMA kernel was measured at a tenth of it (backends.auto_order).
 
-Forward, per block: z_ij = s_ij - s_it (t = offset + i, set to -inf), gap_i = max(0, max_j z_ij) and
-loss_i = gap_i + part_i, part_i = log1p(sum_j exp(z_ij - gap_i) + expm1(-gap_i)): the log1p form that keeps the
-loss's relative precision near the optimum. Backward, per block, the logits and gaps recomputed:
-dS_ij = g_i exp(z_ij - gap_i - part_i) / tau_reg off the target and g_i expm1(-loss_i) / tau_reg on it (P_t - 1
-without cancellation), then d rows = dS cols and d cols += dS^T rows; when rows are the columns both go into one
-buffer. 1 GEMM-equivalent forward, 3 backward.
+Forward, per block: with the target's logit s_it set aside (t = offset + i), x_i = logsumexp_{j != t} s_ij - s_it
+and loss_i = softplus(x_i) = log(1 + exp(x_i)), which keeps the loss's relative precision near the optimum (x very
+negative; logsumexp - s_it over all columns would cancel there). Backward, per block, the logits recomputed: with
+Q the softmax over the other columns, P_ij = Q_ij sigmoid(x_i) off the target and P_it - 1 = -sigmoid(x_i) (no
+cancellation), so dS = diag(g sigmoid(x) / tau_reg) (Q - onehot_t); d rows = dS cols and d cols += dS^T rows, the
+row scale applied to the [b, D] operands, not the block. When rows are the columns both go into one buffer. Each
+block is formed, scaled, then read by one fused reduction (forward: logsumexp) or one softmax and the two products
+(backward): 1 GEMM-equivalent forward, 3 backward.
 
 Op module of the contrastive op (pmrl_kernels.backends.ContrastiveModule): is_available, contrastive_unsupported,
 contrastive. Computes in float32, or float64 for float64 input.
@@ -71,13 +73,13 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, precision:
         out.addmm_(a, b)
 
 
-def _gaps(rows: torch.Tensor, cols: torch.Tensor, first: int, offset: int, tau_reg: float, precision: str):
-    """(z [b, N], t [b, 1]) for the block rows (rows first.. of the batch): the logits less each row's target
-    logit, -inf at the target column t."""
-    z = _product(rows, cols.T, precision).div_(tau_reg)
-    t = torch.arange(offset + first, offset + first + rows.shape[0], device=z.device)[:, None]
-    z -= z.gather(1, t)
-    return z.scatter_(1, t, -float("inf")), t
+def _others(rows: torch.Tensor, cols: torch.Tensor, first: int, offset: int, tau_reg: float, precision: str):
+    """(s [b, N], s_t [b], t [b, 1]) for the block rows (rows first.. of the batch): the logits with -inf at each
+    row's target column t, and the target logits."""
+    s = _product(rows, cols.T, precision).div_(tau_reg)
+    t = torch.arange(offset + first, offset + first + rows.shape[0], device=s.device)[:, None]
+    s_t = s.gather(1, t)[:, 0]
+    return s.scatter_(1, t, -float("inf")), s_t, t
 
 
 def _blocks(n_rows: int, n_cols: int):
@@ -85,27 +87,20 @@ def _blocks(n_rows: int, n_cols: int):
     return (slice(first, first + step) for first in range(0, n_rows, step))
 
 
-def _gap(z: torch.Tensor) -> torch.Tensor:
-    """[b] max(0, max_j z_ij): how far the largest other logit is above the target's (0 with one column)."""
-    return z.amax(1).clamp_min_(0.0)
-
-
 @torch.library.custom_op("pmrl_kernels::blocked_contrastive_fwd", mutates_args=())
 def contrastive_fwd(
     rows: torch.Tensor, cols: torch.Tensor, tau_reg: float, offset: int, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss [B], its log1p part [B] for the backward) in the inputs' dtype; rows [B, D], cols [N, D]. The
-    backward takes P_ij = exp(z_ij - gap_i - log1p part_i), the gap recomputed from its own logits: rounding the
-    whole loss instead, a loss of 1e5 would put an error of its ulp into every P."""
+    """(loss [B], x [B] for the backward) in the inputs' dtype; rows [B, D], cols [N, D]. x_i is the other
+    columns' logsumexp less the target's logit, and loss_i = softplus(x_i)."""
     check_precision(precision)
-    loss, part = rows.new_empty(rows.shape[0]), rows.new_empty(rows.shape[0])
+    x = rows.new_empty(rows.shape[0])
     with _autocast_off(rows.device.type):
         for blk in _blocks(rows.shape[0], cols.shape[0]):
-            z, _ = _gaps(rows[blk], cols, blk.start, offset, tau_reg, precision)
-            gap = _gap(z)
-            part[blk] = torch.log1p(z.sub_(gap[:, None]).exp_().sum(1) + torch.expm1(-gap))
-            loss[blk] = gap + part[blk]
-    return loss, part
+            s, s_t, _ = _others(rows[blk], cols, blk.start, offset, tau_reg, precision)
+            x[blk] = torch.logsumexp(s, 1) - s_t  # -inf with one column: the loss is 0
+    # softplus(x) = max(x, 0) + log1p(exp(-|x|)): exp(x) to its relative precision where x is very negative
+    return x.clamp_min(0.0) + torch.log1p(torch.exp(-x.abs())), x
 
 
 @contrastive_fwd.register_fake
@@ -113,49 +108,49 @@ def _(rows, cols, tau_reg, offset, precision):
     return rows.new_empty(rows.shape[0]), rows.new_empty(rows.shape[0])
 
 
-def _accumulate_grads(rows, cols, part, grad_loss, tau_reg, offset, precision, d_rows, d_cols) -> None:
-    """d_rows += dS cols and d_cols += dS^T rows, block by block (d_rows may be d_cols)."""
+def _accumulate_grads(rows, cols, x, grad_loss, tau_reg, offset, precision, d_rows, d_cols) -> None:
+    """d_rows += dS cols and d_cols += dS^T rows, block by block (d_rows may be d_cols), with
+    dS = diag(w) (Q - onehot_t), Q the softmax over the other columns and w = g sigmoid(x) / tau_reg."""
     check_precision(precision)
     with _autocast_off(rows.device.type):
         for blk in _blocks(rows.shape[0], cols.shape[0]):
-            z, t = _gaps(rows[blk], cols, blk.start, offset, tau_reg, precision)
-            gap = _gap(z)[:, None]
-            row_part = part[blk, None]
-            ds = z.sub_(gap).sub_(row_part).exp_()  # P off the target (exp(-inf) = 0 there)
-            ds.scatter_(1, t, torch.expm1(-(gap + row_part)))  # P - 1 at the target, expm1(-loss)
-            ds *= grad_loss[blk, None].to(ds.dtype) / tau_reg
-            _add_product(d_rows[blk], ds, cols, precision)
-            _add_product(d_cols, ds.T, rows[blk], precision)
+            s, _, t = _others(rows[blk], cols, blk.start, offset, tau_reg, precision)
+            q = torch.softmax(s, 1) if cols.shape[0] > 1 else torch.zeros_like(s)  # no other column: Q = 0
+            del s
+            q.scatter_(1, t, -1.0)
+            w = (grad_loss[blk].to(q.dtype) / tau_reg * torch.sigmoid(x[blk]))[:, None]
+            d_rows[blk] += w * _product(q, cols, precision)
+            _add_product(d_cols, q.T, w * rows[blk], precision)
 
 
 @torch.library.custom_op("pmrl_kernels::blocked_contrastive_bwd", mutates_args=())
 def contrastive_bwd(
-    rows: torch.Tensor, cols: torch.Tensor, part: torch.Tensor, grad_loss: torch.Tensor, tau_reg: float,
+    rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, grad_loss: torch.Tensor, tau_reg: float,
     offset: int, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d rows [B, D], d cols [N, D]) given the forward's log1p part and dL/dloss [B]."""
+    """(d rows [B, D], d cols [N, D]) given the forward's x and dL/dloss [B]."""
     d_rows, d_cols = torch.zeros_like(rows), torch.zeros_like(cols)
-    _accumulate_grads(rows, cols, part, grad_loss, tau_reg, offset, precision, d_rows, d_cols)
+    _accumulate_grads(rows, cols, x, grad_loss, tau_reg, offset, precision, d_rows, d_cols)
     return d_rows, d_cols
 
 
 @contrastive_bwd.register_fake
-def _(rows, cols, part, grad_loss, tau_reg, offset, precision):
+def _(rows, cols, x, grad_loss, tau_reg, offset, precision):
     return torch.empty_like(rows), torch.empty_like(cols)
 
 
 @torch.library.custom_op("pmrl_kernels::blocked_contrastive_sym_bwd", mutates_args=())
 def contrastive_sym_bwd(
-    lead: torch.Tensor, part: torch.Tensor, grad_loss: torch.Tensor, tau_reg: float, precision: str
+    lead: torch.Tensor, x: torch.Tensor, grad_loss: torch.Tensor, tau_reg: float, precision: str
 ) -> torch.Tensor:
     """d lead [B, D] when rows and columns are the same tensor (offset 0): d rows + d cols in one buffer."""
     d_lead = torch.zeros_like(lead)
-    _accumulate_grads(lead, lead, part, grad_loss, tau_reg, 0, precision, d_lead, d_lead)
+    _accumulate_grads(lead, lead, x, grad_loss, tau_reg, 0, precision, d_lead, d_lead)
     return d_lead
 
 
 @contrastive_sym_bwd.register_fake
-def _(lead, part, grad_loss, tau_reg, precision):
+def _(lead, x, grad_loss, tau_reg, precision):
     return torch.empty_like(lead)
 
 
