@@ -195,7 +195,7 @@ pystep bandwidth 25 bandwidth
 # 4. compute-sanitizer on small shapes: a plain run first (functional check, and it fills the Triton cache so
 #    the sanitized runs do not JIT), then memcheck and synccheck. PYTORCH_NO_CUDA_MEMORY_CACHING: every tensor
 #    its own cudaMalloc, or memcheck cannot see an overrun that stays inside the caching allocator's block.
-secs=$(budget sanitizer "${GPU_CHECK_SANITIZER_S:-150}")
+secs=$(budget sanitizer "${GPU_CHECK_SANITIZER_S:-120}")
 if [[ -z ${SANITIZER:-} ]]; then
   finish sanitizer --skip "compute-sanitizer not found"
 elif ((secs < 30)); then
@@ -220,7 +220,7 @@ else
 fi
 
 # 5. correctness against the float64 reference (incl. B*M*D > 2^31 and a side stream)
-pystep correctness 120 correctness
+pystep correctness 150 correctness
 
 # 6. benchmark at B=65536, D=512
 pystep bench 100 bench

@@ -315,8 +315,7 @@ def byte_model_rows() -> list[dict]:
     rows = []
     for dtype, itemsize in (("fp32", 4), ("bf16", 2)):
         for direction in ("forward", "backward"):
-            resident = triton_gram.launch_config(triton.next_power_of_2(modalities), features, direction,
-                                                 itemsize)["RESIDENT"]
+            resident = triton_gram.launch_config(triton.next_power_of_2(modalities), features)["RESIDENT"]
             args = (direction, batch, modalities, features, itemsize)
             moved = sum(triton_gram.dram_bytes(*args))
             rows.append(dict(dtype=dtype, direction=direction, resident=resident, bytes=moved,

@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence, Union, runti
 
 import torch
 
-from .ops import contrastive_common, triton_common
+from .ops import triton_common
 
 OPS = ("gram_eig", "contrastive")
 
@@ -92,20 +92,17 @@ REGISTRY = {
 # "auto" tries these in order, per op and device type; the first that takes the input wins.
 AUTO_ORDER = {
     "gram_eig": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")},
-    "contrastive": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "contrastive": {"cuda": ("blocked", "triton", "reference"), "cpu": ("reference",)},
 }
 # Measured on an H200 (benchmarks/results/gpu-nvidia-h200, B = 65536, D = 512): the `cuda` gram_eig took 0.84 ms
 # forward+backward at M = 4 in fp32 against 2.8 ms for the faster Triton path, but 440 ms at M = 16 against
 # Triton's 141 ms: the CUDA kernel keeps its M x M arrays in registers only up to M = 8 (benchmarks/static_check.py)
 # and in local memory above. So past CUDA_REGISTER_MAX_M modalities "auto" tries these instead.
+# The contrastive term (same card, run3-full, the loss's forward+backward at M = 4): the blocked backend (torch.mm
+# on row blocks) took 462 ms at IEEE fp32, 134 ms under TF32 and 155 ms under bf16 autocast, Triton's kernel 2016,
+# 422 and 432 ms: blocked leads at every precision, for 257 MB more peak memory (one 256 MiB logits block).
 CUDA_REGISTER_MAX_M = 8
 AUTO_ORDER_MANY_MODALITIES = {"gram_eig": {"cuda": ("triton", "cuda", "reference")}}
-# The contrastive term at torch's default float32 matmul precision ("highest": IEEE fp32 products): Triton's kernel
-# then multiplies on the FMA units and took 2.0 s at B = 65536, D = 512 on the H200, a tenth of the fp32 peak,
-# where cuBLAS's SGEMM runs near it; the blocked backend puts its 4 GEMM-equivalents on torch.mm (a prediction of
-# 0.35-0.45 s at cuBLAS's usual 40-50 TFLOP/s, not yet measured: benchmarks/gpu_check.sh times both). Under TF32
-# or autocast Triton stays first.
-AUTO_ORDER_IEEE = {"contrastive": {"cuda": ("blocked", "triton", "reference")}}
 
 
 def auto_order(op: str, device_type: str, inputs: tuple) -> tuple[str, ...]:
@@ -115,9 +112,6 @@ def auto_order(op: str, device_type: str, inputs: tuple) -> tuple[str, ...]:
         modalities = len(zs) if isinstance(zs, (list, tuple)) else zs.shape[1]
         if modalities > CUDA_REGISTER_MAX_M and device_type in AUTO_ORDER_MANY_MODALITIES[op]:
             return AUTO_ORDER_MANY_MODALITIES[op][device_type]
-    if (op == "contrastive" and device_type in AUTO_ORDER_IEEE[op]
-            and contrastive_common.operand_precision(device_type) == "ieee"):
-        return AUTO_ORDER_IEEE[op][device_type]
     return AUTO_ORDER[op].get(device_type, ("reference",))
 
 _IMPORT_FAILED: set[str] = set()

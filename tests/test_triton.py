@@ -12,7 +12,7 @@ import torch
 from conftest import (
     NEAR_OPTIMUM_MARGINS, assert_fa_close, check_contrastive, check_contrastive_at_large_logits,
     check_contrastive_near_optimum, check_contrastive_under_autocast, correlated, degenerate_cases, f64, fa_atol,
-    requires_cuda,
+    random_embeddings, requires_cuda,
 )
 from pmrl_kernels import backends, pmrl_loss, reference, terms
 from pmrl_kernels.constants import MAX_MODALITIES, MIN_MODALITIES
@@ -56,9 +56,10 @@ def test_registration():
     # on CPU tensors only in the interpreter; never on other device types
     assert triton_common.is_available("cpu") == INTERPRETING
     assert not triton_common.is_available("meta")
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # auto takes the compiled extension first where it is built (backends.AUTO_ORDER)
+        first = "cuda" if "cuda" in backends.available_backends("cuda") else "triton"
         assert backends.resolve("gram_eig", "auto", (list(torch.randn(4, 3, 8, device="cuda").unbind(1)),)) \
-            is triton_gram.gram_eig
+            is backends.implementations("gram_eig", "cuda")[first]
 
 
 def test_unsupported_inputs():
@@ -79,20 +80,19 @@ def test_unsupported_inputs():
 # ----------------------------------------------------------------------------------------------- block configurations
 
 
-@pytest.mark.parametrize("direction, itemsize", [("forward", 4), ("forward", 2), ("backward", 4), ("backward", 2)])
 @pytest.mark.parametrize("m", range(MIN_MODALITIES, MAX_MODALITIES + 1))
 @pytest.mark.parametrize("d", [1, 3, 64, 257, 512, 4096])
-def test_gram_launch_config_fits_the_register_budget(m, d, direction, itemsize, monkeypatch):
+def test_gram_launch_config_fits_the_register_budget(m, d, monkeypatch):
     """Resident (the whole instance in one tile, read once) exactly when M and D padded to powers of two fit
-    RESIDENT_ELEMENTS, for the forward only with 16-bit input, compiled and interpreted alike. Compiled: powers of
+    RESIDENT_ELEMENTS, compiled and interpreted alike. Compiled: powers of
     two, at most 256 entries of G per program, a resident tile of at most RESIDENT_ELEMENTS elements, chunks of at
     most REGISTER_BUDGET elements and no more features than D rounded up. Interpreted: 64 instances, chunks of up
     to 512 features."""
     m_pad = 1 << (m - 1).bit_length()
     d_pad = 1 << (d - 1).bit_length()
-    resident = m_pad * d_pad <= triton_gram.RESIDENT_ELEMENTS and (direction == "backward" or itemsize == 2)
+    resident = m_pad * d_pad <= triton_gram.RESIDENT_ELEMENTS
     monkeypatch.setattr(triton_gram, "interpreting", lambda: False)
-    config = triton_gram.launch_config(m_pad, d, direction, itemsize)
+    config = triton_gram.launch_config(m_pad, d)
     block_b, block_d = config["BLOCK_B"], config["BLOCK_D"]
     assert config["RESIDENT"] == resident
     assert block_b & (block_b - 1) == 0 and block_d & (block_d - 1) == 0
@@ -102,7 +102,7 @@ def test_gram_launch_config_fits_the_register_budget(m, d, direction, itemsize, 
     else:
         assert block_d <= d_pad and block_b * m_pad * block_d <= triton_gram.REGISTER_BUDGET
     monkeypatch.setattr(triton_gram, "interpreting", lambda: True)
-    assert triton_gram.launch_config(m_pad, d, direction, itemsize) == dict(
+    assert triton_gram.launch_config(m_pad, d) == dict(
         BLOCK_B=64, BLOCK_D=d_pad if resident else min(d_pad, 512), RESIDENT=resident)
 
 
@@ -133,18 +133,11 @@ def test_gram_launches_take_num_warps(monkeypatch):
     assert [kw["num_warps"] for kw in launches] == [1, 1]
 
 
-def test_gram_launch_config_rejects_a_bad_direction():
-    with pytest.raises(ValueError, match="direction"):
-        triton_gram.launch_config(4, 512, "sideways", 4)
-
-
 def test_gram_resident_at_the_training_shapes():
-    """The backward loads each instance once at M <= 4, D = 512 (and M = 8, D = 256), in every dtype; the forward
-    only for 16-bit input (fp32 is faster chunked on the H200); M = 16 at D = 512 takes the chunks."""
+    """Both kernels load each instance once at M <= 4, D = 512 (and M = 8, D = 256), in every dtype (the fp32
+    forward too: its chunked path failed on the H200, RESIDENT_ELEMENTS); M = 16 at D = 512 takes the chunks."""
     for m_pad, d, resident in ((2, 512, True), (4, 512, True), (8, 256, True), (8, 512, False), (16, 512, False)):
-        assert triton_gram.launch_config(m_pad, d, "backward", 4)["RESIDENT"] == resident, (m_pad, d)
-        assert triton_gram.launch_config(m_pad, d, "forward", 2)["RESIDENT"] == resident, (m_pad, d)
-        assert not triton_gram.launch_config(m_pad, d, "forward", 4)["RESIDENT"], (m_pad, d)
+        assert triton_gram.launch_config(m_pad, d)["RESIDENT"] == resident, (m_pad, d)
 
 
 def test_gram_byte_model():
@@ -158,9 +151,9 @@ def test_gram_byte_model():
     assert model("backward", b, m, d, 2, resident=True) == (z + lead + spectrum + grad_s, z)
     assert model("backward", b, m, d, 2, resident=False) == (2 * z + 2 * lead + spectrum + grad_s, z)
     assert model("backward", b, m, d, 2, normalize=False, grad_lead=False, resident=False) == (z + spectrum + grad_s, z)
-    for direction in ("forward", "backward"):  # M = 4, D = 512 is resident, but for the fp32 forward
-        assert model(direction, b, m, d, 2) == model(direction, b, m, d, 2, resident=True)
-        assert model(direction, b, m, d, 4) == model(direction, b, m, d, 4, resident=direction == "backward")
+    for direction in ("forward", "backward"):  # M = 4, D = 512 is resident, in every dtype
+        for itemsize in (2, 4):
+            assert model(direction, b, m, d, itemsize) == model(direction, b, m, d, itemsize, resident=True)
 
 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 64, 100, 4096])
@@ -238,15 +231,21 @@ def _force_path(monkeypatch, resident, m, d):
     any dtype) or the chunked one."""
     m_pad, d_pad = 1 << (m - 1).bit_length(), 1 << (d - 1).bit_length()
     monkeypatch.setattr(triton_gram, "RESIDENT_ELEMENTS", m_pad * d_pad if resident else 0)
-    monkeypatch.setattr(triton_gram, "FORWARD_RESIDENT_MAX_ITEMSIZE", 4)
-    for direction in ("forward", "backward"):
-        assert triton_gram.launch_config(m_pad, d, direction, 4)["RESIDENT"] == resident
+    assert triton_gram.launch_config(m_pad, d)["RESIDENT"] == resident
 
 
 def _scaled(scale):
     z = correlated(40, 3, 24, seed=23, dtype=torch.float64) * scale
     z[5, 1] = 0.0  # a zero row among scaled ones
     return z
+
+
+# The H200's chunked forward wrote wrong U columns (S right) at M = 3 on [B, M, D] views whose row stride is not a
+# multiple of 16 elements (run4-pytest: 7 x 3 x 33, and "huge" below, in two runs); the one pass and the
+# interpreter, with the compiled block sizes too, pass. Strict: a GPU run where it passes says the fault is gone.
+CHUNKED_FORWARD_FAULT = pytest.mark.xfail(
+    not INTERPRETING, strict=True, raises=AssertionError,
+    reason="compiled chunked forward, M = 3 rows of unaligned stride: wrong U columns on the H200 (README, Limits)")
 
 
 GRAM_PATH_CASES = {
@@ -264,14 +263,36 @@ OVERFLOW_WARNING = pytest.mark.filterwarnings("ignore:(overflow|invalid value) e
 @OVERFLOW_WARNING
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "chunked"])
 @pytest.mark.parametrize("case", list(GRAM_PATH_CASES))
-def test_gram_paths_match_the_reference(case, resident, monkeypatch):
+def test_gram_paths_match_the_reference(case, resident, monkeypatch, request):
     """Both paths, whatever the shape would pick, on degenerate and badly scaled input: S, U, lead and dL/dz
     (through S and lead, S only, lead only) against the float64 reference, normalised and not (the conformance
     suite's checks)."""
     from test_conformance import check_gram_eig
 
+    if case == "huge" and not resident:
+        request.applymarker(CHUNKED_FORWARD_FAULT)
     z = GRAM_PATH_CASES[case].to(DEVICE, torch.float32)
     _force_path(monkeypatch, resident, z.shape[1], z.shape[2])
+    zs = [t.requires_grad_() for t in z.unbind(1)]
+    for normalize in (True, False):
+        check_gram_eig("triton", zs, normalize)
+
+
+@OVERFLOW_WARNING
+@CHUNKED_FORWARD_FAULT
+@pytest.mark.parametrize("case", ["random_7x3x33", "huge"])
+def test_chunked_forward_with_the_compiled_block_sizes(case, monkeypatch):
+    """The two inputs whose U the H200's chunked forward got wrong, on [B, M, D] views (row stride M D, 99 and 72)
+    through the chunked path with the block sizes a compiled launch takes (16 instances, 16 features a chunk: 3
+    and 2 chunks, the last partial), which the interpreter otherwise never uses: S, U, lead and dL/dz against the
+    float64 reference. Passes in the interpreter (the path's logic is right); on a GPU, a strict xfail."""
+    from test_conformance import check_gram_eig
+
+    z = random_embeddings(7, 3, 33, seed=763) if case != "huge" else GRAM_PATH_CASES["huge"]
+    z = z.to(DEVICE, torch.float32)
+    _force_path(monkeypatch, False, z.shape[1], z.shape[2])
+    monkeypatch.setattr(triton_gram, "interpreting", lambda: False)  # the compiled launch configuration
+    assert triton_gram.launch_config(4, z.shape[2]) == dict(BLOCK_B=16, BLOCK_D=16, RESIDENT=False)
     zs = [t.requires_grad_() for t in z.unbind(1)]
     for normalize in (True, False):
         check_gram_eig("triton", zs, normalize)
@@ -484,8 +505,7 @@ def test_interpreter_runs_few_programs():
     """The test suite's cost model: 64 instances per program in the interpreter, whatever M and path."""
     for m_pad in (2, 4, 8, 16):
         for d in (80, 4096):
-            for direction in ("forward", "backward"):
-                assert triton_gram.launch_config(m_pad, d, direction, 4)["BLOCK_B"] == 64
+            assert triton_gram.launch_config(m_pad, d)["BLOCK_B"] == 64
 
 
 # ----------------------------------------------------------------------------------------------- GPU only

@@ -10,8 +10,7 @@ with the same constants.
 Two paths, one code (launch_config picks, RESIDENT): when an instance's rows fit in registers the kernel loads
 them once and every pass works on that tile, so the forward reads Z once and the backward reads Z and dL/dlead
 once and writes dZ once (dram_bytes: the byte model); larger instances take the passes over D in chunks, loading
-Z again on each. The fp32 forward takes the chunks even where it fits: faster on the H200 (see
-FORWARD_RESIDENT_MAX_ITEMSIZE).
+Z again on each (see RESIDENT_ELEMENTS for why the fp32 forward does not take them where it fits).
 
 Layout inside a program: BLOCK_B instances x MP (M padded to a power of two) modalities x BLOCK_D features.
 Triton cannot index registers, so every per-entry access of the M x M matrices is a masked select/reduction.
@@ -45,13 +44,13 @@ MAX_M = MAX_MODALITIES  # the kernels take one pointer argument per modality
 # dL/dlead once. No spills for M <= 8 at 2048 (benchmarks/static_check.py, with a real launch's specialisation); at
 # 4096 the backward needs 255 registers at M = 8 and the forward 196 at M = 4: one or two programs an SM, each
 # running its Jacobi solve replicated across its threads.
+# Both directions take the one pass wherever an instance fits. Measured on an H200 (benchmarks/results/
+# gpu-nvidia-h200, B = 65536, M = 4, D = 512) the fp32 forward was 2.2x faster chunked (1.21 against 2.69 ms: a
+# one-pass program holds one instance there, its Jacobi solve replicated over the program's threads), but the
+# chunked fp32 forward wrote wrong U columns (S right) for M = 3 rows whose stride is not a multiple of 16
+# elements (run4-pytest), where the one pass passed (run2-triton) and the interpreter passes both with the
+# compiled block sizes: a fault of the compiled code, not located (README, Limits).
 RESIDENT_ELEMENTS = 2048
-# The forward's one pass holds one instance per program at M = 4, D = 512 (BLOCK_B = 1), whose Jacobi solve then
-# runs replicated over the program's threads. Measured on an H200 (benchmarks/results/gpu-nvidia-h200, B = 65536,
-# M = 4, D = 512): the fp32 forward took 2.68 ms one-pass against 1.21 ms chunked, the bf16 forward 3.74 against
-# 6.34, and the backward was faster one-pass in both (fp32 about 0.75 against 1.6 ms). So the forward takes the
-# one pass only for inputs of at most this many bytes an element, the backward whenever the instance fits.
-FORWARD_RESIDENT_MAX_ITEMSIZE = 2
 # Warps per program of both kernels (Triton's default; the static check's no-spill report is for 4). A program
 # holds one instance at M = 16 and in the one-pass path at M = 4, D = 512, where every masked reduction of the
 # Jacobi solve crosses warps; benchmarks/gpu_check.py also times 1 and 2 warps (`triton-1-warp`, `triton-2-warps`)
@@ -60,10 +59,10 @@ NUM_WARPS = 4
 # The forward's Jacobi sweeps: up to this M the cyclic ordering (M (M - 1) / 2 rotations one after the other, each
 # a handful of masked reductions over the MP x MP block), above it the parallel one (MP - 1 rounds of MP / 2
 # disjoint rotations, each round a few gathers): at M = 16, where the cyclic solve bounded the H200's forward,
-# about a tenth of the instructions a sweep in the sm_90 PTX (benchmarks/results/static-sm90/scan.txt). Not
-# yet run on a GPU. Up to 8 the cyclic kernels that ran on the H200 stay and the static check's sample stays
-# spill-free (the parallel one moved ptxas's allocation: 8 bytes at M = 7, D = 129), until gpu_check's
-# `triton-cyclic` and `triton-parallel` rows have timed both.
+# about a tenth of the instructions a sweep in the sm_90 PTX (benchmarks/results/static-sm90/scan.txt). On the
+# H200 at M = 4 it saved 5% (1.15 against 1.21 ms forward, B = 65536, D = 512); M = 16 is not timed yet. Up to 8
+# the cyclic kernels stay and the static check's sample stays spill-free (the parallel one moved ptxas's
+# allocation: 8 bytes at M = 7, D = 129).
 CYCLIC_JACOBI_MAX_M = 8
 # fp32 elements of a chunk [BLOCK_B, MP, BLOCK_D] of the chunked passes, which load Z again on each pass (4 warps:
 # 8 a thread): at most 128 registers for M <= 8; 2048 needs up to 162 (the backward at M = 8), otherwise untuned.
@@ -320,19 +319,15 @@ def _common_strides(zs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [z.contiguous() for z in zs]
 
 
-def launch_config(m_pad: int, d: int, direction: str, itemsize: int) -> dict:
-    """BLOCK_B, BLOCK_D and RESIDENT (the passes work on a tile loaded once) of the forward or backward kernel for
-    inputs of `itemsize` bytes an element. Resident when an instance's padded tile fits RESIDENT_ELEMENTS (the
-    forward only for inputs of at most FORWARD_RESIDENT_MAX_ITEMSIZE bytes), in the interpreter too, so that both
-    paths run there. Compiled: at most 256 entries of G (and of V) per program for the Jacobi solve; resident, as
+def launch_config(m_pad: int, d: int) -> dict:
+    """BLOCK_B, BLOCK_D and RESIDENT (the passes work on a tile loaded once) of the forward and backward kernels for
+    M padded to m_pad and D = d, any dtype. Resident when an instance's padded tile fits RESIDENT_ELEMENTS, in the
+    interpreter too, so that both paths run there. Compiled: at most 256 entries of G (and of V) per program for the Jacobi solve; resident, as
     many instances as fill RESIDENT_ELEMENTS; chunked, chunks of REGISTER_BUDGET elements (no register spills for
     sm_90: benchmarks/static_check.py in CI), otherwise untuned. Interpreted: the cost is per operation, not per element,
     so 64 instances and, chunked, up to 512 features at a time."""
     d_pad = triton.next_power_of_2(d)
-    if direction not in ("forward", "backward"):
-        raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
-    resident = m_pad * d_pad <= RESIDENT_ELEMENTS and (
-        direction == "backward" or itemsize <= FORWARD_RESIDENT_MAX_ITEMSIZE)
+    resident = m_pad * d_pad <= RESIDENT_ELEMENTS
     if interpreting():
         return dict(BLOCK_B=64, BLOCK_D=d_pad if resident else min(d_pad, 512), RESIDENT=resident)
     block_b = min(64, 256 // (m_pad * m_pad))
@@ -351,7 +346,7 @@ def dram_bytes(direction: str, batch: int, modalities: int, features: int, items
     both. Not counted: the instances whose squared norms over- or underflow, which take two more passes on the
     chunked path (none resident)."""
     if resident is None:
-        resident = launch_config(triton.next_power_of_2(modalities), features, direction, itemsize)["RESIDENT"]
+        resident = launch_config(triton.next_power_of_2(modalities), features)["RESIDENT"]
     z = batch * modalities * features * itemsize
     lead = batch * features * 4
     spectrum = batch * (modalities + modalities * modalities) * 4  # S and U
@@ -373,7 +368,7 @@ def gram_eig_fwd(zs: list[torch.Tensor], normalize: bool) -> tuple[torch.Tensor,
     """S [B, M], U [B, M, M], lead [B, D] in float32 (the autograd-free forward)."""
     zs = _common_strides(list(zs))
     (batch, features), modalities = zs[0].shape, len(zs)
-    config = launch_config(triton.next_power_of_2(modalities), features, "forward", zs[0].element_size())
+    config = launch_config(triton.next_power_of_2(modalities), features)
     device = zs[0].device
     s = torch.empty(batch, modalities, device=device, dtype=torch.float32)
     u = torch.empty(batch, modalities, modalities, device=device, dtype=torch.float32)
@@ -398,7 +393,7 @@ def gram_eig_bwd(
     """dL/dz [B, M, D] in the input dtype, given dL/dS and dL/dlead (None for zero)."""
     zs = _common_strides(list(zs))
     (batch, features), modalities = zs[0].shape, len(zs)
-    config = launch_config(triton.next_power_of_2(modalities), features, "backward", zs[0].element_size())
+    config = launch_config(triton.next_power_of_2(modalities), features)
     dz = torch.empty(batch, modalities, features, device=zs[0].device, dtype=zs[0].dtype)
     gs = s if grad_s is None else grad_s  # a placeholder pointer when absent: HAS_GS=False never reads it
     gl = s if grad_lead is None else grad_lead
