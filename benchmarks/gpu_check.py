@@ -654,7 +654,8 @@ def cmd_correctness(args):
     turn = {id(t): sum(o[1]["backend"] == t[1]["backend"] for o in rest[:i]) for i, t in enumerate(rest)}
     # and before them a diagnosis: which variant of Triton's chunked forward goes wrong (README, Limits)
     diagnosis = [("special", {"check": "chunked_fault"}, lambda: chunked_fault_case(torch, pk, device))] * (
-        "triton" in backends)
+        "triton" in backends) + [("special", {"check": "cuda_lanes"}, lambda: lanes_case(torch, pk, device))] * (
+        "cuda" in backends)
     tasks = first + [("special", {"check": "stream"}, lambda: stream_case(torch, pk, backends, device)),
                      ("special", {"check": "large_bf16"}, lambda: large_case(backends, args, step))] + \
         diagnosis + sorted(rest, key=lambda t: turn[id(t)])
@@ -793,6 +794,25 @@ def stream_case(torch, pk, backends, device) -> dict:
     return res
 
 
+def lanes_case(torch, pk, device, backend="cuda", size=(4096, 4, 512)) -> dict:
+    """The CUDA kernels at each CUDA_VARIANTS lane count against the float64 reference (compare_case: S, U, lead, the
+    loss, both gradients) on the benchmark's M and D at B = 4096, fp32 and bf16: a lane count is timed only if it
+    is right too."""
+    res: dict[str, Any] = dict(zip("BMD", size), dtype="float32+bfloat16", backends={})
+    for name, env in CUDA_VARIANTS.items():
+        for dt in ("float32", "bfloat16"):
+            x = seeded_randn(torch, size, 10, device, dtype_of(torch, dt))
+            try:
+                res["backends"][f"{name}:{dt}"] = with_env(lambda x=x: compare_case(
+                    torch, pk, x, backend=backend, layout="list", normalize=True, grad_s_top_only=False, seed=0),
+                    env)()
+            except Exception as err:  # noqa: BLE001
+                res["backends"][f"{name}:{dt}"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+    ok = all("error" not in v and all(c["ok"] for c in v.values()) for v in res["backends"].values())
+    res["status"] = "ok" if ok else "failed"
+    return res
+
+
 def chunked_fault_case(torch, pk, device) -> dict:
     """Triton's chunked fp32 forward wrote wrong U columns on the H200 (README, Limits) for this input, a 7 x 3 x 33
     [B, M, D] view (row stride 99), as tests/test_triton.py's test_chunked_forward_with_the_compiled_block_sizes.
@@ -914,6 +934,28 @@ TRITON_VARIANTS = {"triton-chunked": {"RESIDENT_ELEMENTS": 0},
                 "triton-1-warp": {"NUM_WARPS": 1}, "triton-2-warps": {"NUM_WARPS": 2},
                 "triton-cyclic": {"CYCLIC_JACOBI_MAX_M": 16},  # 16: every M the kernels take
                 "triton-parallel": {"CYCLIC_JACOBI_MAX_M": 0}}
+
+
+# the CUDA kernels at fewer lanes an instance than launch's 32 at D = 512 (pmrl::lanes_per_instance): each lane
+# repeats its instance's eigen-solve, 43% of the forward at M = 4 on the H200, so 8 or 4 lanes solve 4 or 8
+# instances a warp at once (PMRL_CUDA_MAX_LANES, read at each launch)
+CUDA_VARIANTS = {"cuda-8-lanes": {"PMRL_CUDA_MAX_LANES": "8"}, "cuda-4-lanes": {"PMRL_CUDA_MAX_LANES": "4"}}
+
+
+def with_env(fn, env: dict):
+    """fn run with these environment variables set, then put back."""
+    def run():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
 
 
 def static_check_module():
@@ -1067,6 +1109,9 @@ def cmd_bench(args):
             if be == "triton":  # the other paths at the same size: which is the faster here?
                 cells += [(dict(c, provider=p), triton_variant(fn, p)) for p in TRITON_VARIANTS
                           if variant_differs(p, m, zs[0].shape[1], dt) for c, fn in gram]
+            if be == "cuda" and m <= 8:  # fewer lanes an instance (where auto takes cuda)
+                cells += [(dict(c, provider=p), with_env(fn, env)) for p, env in CUDA_VARIANTS.items()
+                          for c, fn in gram]
             cells.append((dict(target="loss", mode="fwd+bwd", provider=be, reg_weight=0.0),
                           lambda be=be, zs=zs: torch.autograd.grad(
                               pk.pmrl_loss(zs, tau=TAU, tau_reg=TAU_REG, reg_weight=0.0, backend=be), zs)))
@@ -1576,8 +1621,8 @@ def summary_text(summary: dict) -> str:
         kernels = list(bench.get("backends") or KERNEL_BACKENDS_GPU)
         sizes = sorted({(r["M"], r["dtype"]) for r in rows}, key=lambda k: (k[0], k[1] != "float32"))
         w = 13
-        gram_providers = [p for k in kernels for p in (k, k + DIAGONAL)] + list(TRITON_VARIANTS) * (
-            "triton" in kernels) + ["torch"]
+        gram_providers = [p for k in kernels for p in (k, k + DIAGONAL)] + list(CUDA_VARIANTS) * (
+            "cuda" in kernels) + list(TRITON_VARIANTS) * ("triton" in kernels) + ["torch"]
         for mode in ("fwd", "fwd+bwd"):  # one table a mode: providers as columns
             lines.append(f"{'gram ' + ('f+b' if mode == 'fwd+bwd' else mode):<9}{'M':>3} {'dtype':<9}" +
                          "".join(f"{p.replace('triton-', 't-'):<{w}}" for p in gram_providers))

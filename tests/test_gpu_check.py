@@ -106,6 +106,24 @@ def test_compare_case_flags_a_flipped_eigenvector_column():
     assert all(v["ok"] for q, v in res.items() if q != "U"), res
 
 
+def test_lanes_case_checks_every_lane_count_and_restores_the_environment(monkeypatch):
+    """gpu_check's correctness check of the CUDA lane counts (CUDA_VARIANTS), run here on the reference: every lane
+    count in fp32 and bf16 passes, a wrong backend fails, and PMRL_CUDA_MAX_LANES is put back."""
+    monkeypatch.delenv("PMRL_CUDA_MAX_LANES", raising=False)
+    seen = []
+
+    class Recording(_WrongBackend):
+        def gram_svd(self, emb, *, normalize, backend):
+            seen.append(os.environ.get("PMRL_CUDA_MAX_LANES"))
+            return super().gram_svd(emb, normalize=normalize, backend=backend)
+
+    res = gc.lanes_case(torch, Recording(), "cpu", backend="reference", size=(64, 4, 512))
+    assert res["status"] == "ok" and len(res["backends"]) == 2 * len(gc.CUDA_VARIANTS), res
+    assert {v["PMRL_CUDA_MAX_LANES"] for v in gc.CUDA_VARIANTS.values()} <= set(seen)
+    assert "PMRL_CUDA_MAX_LANES" not in os.environ
+    assert gc.lanes_case(torch, _WrongBackend(), "cpu", backend="wrong", size=(64, 4, 512))["status"] == "failed"
+
+
 def test_layouts_hold_the_values_with_the_advertised_strides():
     x = gc.seeded_randn(torch, (5, 3, 7), 1, "cpu", torch.float32)
     for layout in gc.LAYOUTS:

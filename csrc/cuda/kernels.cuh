@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <initializer_list>
 #include <type_traits>
 
@@ -187,11 +188,11 @@ bool allow_vec(const Rows& z, int m, int64_t dim, std::initializer_list<const vo
   return true;
 }
 
-// Lanes per instance: the smallest power of two (<= 32) whose lanes cover D in one step at most.
-inline int group_size(int64_t dim, int vec) {
-  int group = 32;
-  while (group > 1 && int64_t(group / 2) * vec >= dim) group /= 2;
-  return group;
+// The most lanes an instance gets (pmrl::lanes_per_instance): 32, or PMRL_CUDA_MAX_LANES, read at each launch so
+// that benchmarks/gpu_check.py can time smaller groups beside the default in one process.
+inline int max_lanes() {
+  const char* value = std::getenv("PMRL_CUDA_MAX_LANES");
+  return value ? std::atoi(value) : 32;
 }
 
 // Launches kernel_for(Types<In, T>{}, integral_constant M) (a kernel taking (args, group, vec)) for the
@@ -204,7 +205,7 @@ cudaError_t launch_over_instances(const Args& args, std::initializer_list<const 
   dispatch_types<__half, __nv_bfloat16, Lo, Hi>(args.dtype, args.m, [&](auto types, auto mc) {
     using Ty = decltype(types);
     const bool vec = allow_vec<typename Ty::input, typename Ty::compute>(args.z, args.m, args.dim, compute_rows);
-    const int group = group_size(args.dim, vec ? kVec : 1);
+    const int group = lanes_per_instance(args.dim, vec ? kVec : 1, max_lanes());
     const int64_t blocks = (args.batch * group + kThreads - 1) / kThreads;
     kernel_for(types, mc)<<<dim3(static_cast<unsigned>(blocks)), kThreads, 0, stream>>>(args, group, vec);
   });

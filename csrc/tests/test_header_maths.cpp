@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "pmrl/instance.h"
+#include "pmrl/launch.h"
 
 namespace {
 
@@ -302,8 +303,20 @@ void tie_backward_finite() {
 
 }  // namespace
 
+// The CUDA launch's lanes per instance: enough to cover D in one step, at most the cap; a bad cap counts as 32.
+void lanes_cover_d_up_to_the_cap() {
+  check(pmrl::lanes_per_instance(512, 4, 32) == 32, "D = 512, vec 4: 32 lanes");
+  check(pmrl::lanes_per_instance(512, 4, 8) == 8, "D = 512, cap 8: 8 lanes");
+  check(pmrl::lanes_per_instance(33, 1, 32) == 32, "D = 33, vec 1: 32 lanes");
+  check(pmrl::lanes_per_instance(32, 1, 32) == 32, "D = 32, vec 1: 32 lanes");
+  check(pmrl::lanes_per_instance(16, 4, 32) == 4, "D = 16, vec 4: 4 lanes");
+  check(pmrl::lanes_per_instance(1, 1, 4) == 1, "D = 1: 1 lane");
+  for (int bad : {0, -8, 3, 12, 64}) check(pmrl::lanes_per_instance(4096, 4, bad) == 32, "bad cap: 32 lanes", bad);
+}
+
 int main() {
   known_spectra();
+  lanes_cover_d_up_to_the_cap();
   for (int trial = 0; trial < 20; ++trial)
     random_gram_all(std::make_integer_sequence<int, pmrl::kMaxM - pmrl::kMinM + 1>{});
   non_finite_terminates();
