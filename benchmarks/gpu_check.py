@@ -41,6 +41,7 @@ import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
+from unittest import mock
 
 ROOT = Path(os.environ.get("GPU_CHECK_ROOT") or Path(__file__).absolute().parent.parent)
 # The tree under test, not whatever else may be installed (pip -e . points here anyway; without a build this
@@ -758,6 +759,21 @@ def cmd_large(args):
     print(json.dumps(_clean(res)))
 
 
+def _verdicts_or_error(fn) -> dict:
+    """fn(), a backend's verdicts, or {"error": ...} when it raised."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001
+        return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+
+
+def _with_status(res: dict) -> dict:
+    """res with status "ok" when it compared some backend and every one's verdicts passed, else "failed"."""
+    ok = all("error" not in v and all(c["ok"] for c in v.values()) for v in res["backends"].values())
+    res["status"] = "ok" if ok and res["backends"] else "failed"
+    return res
+
+
 def stream_case(torch, pk, backends, device) -> dict:
     """The kernels must run on the current stream: the same call on a side stream, whose input is written on
     that stream after a spin, must give the default-stream result (a kernel on the wrong stream reads early)."""
@@ -774,24 +790,21 @@ def stream_case(torch, pk, backends, device) -> dict:
         return {"S": out.S.detach(), "lead": out.lead.detach(), "loss": loss.detach(),
                 "grad_loss": torch.stack(grads, 1)}
 
+    def compare(be):
+        expected = run(x, be)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(20_000_000)  # ~10 ms of spinning before the input exists on this stream
+            got = run(x * 1.0, be)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        return {q: verdict(rel_err(got[q], expected[q]), THRESHOLDS["float32"][_threshold_key(q)]) for q in expected}
+
     for be in backends:
-        try:
-            expected = run(x, be)
-            torch.cuda.synchronize()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                torch.cuda._sleep(20_000_000)  # ~10 ms of spinning before the input exists on this stream
-                got = run(x * 1.0, be)
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            res["backends"][be] = {q: verdict(rel_err(got[q], expected[q]), THRESHOLDS["float32"][_threshold_key(q)])
-                                   for q in expected}
-        except Exception as err:  # noqa: BLE001
-            res["backends"][be] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-    ok = all("error" not in v and all(c["ok"] for c in v.values()) for v in res["backends"].values())
-    res["status"] = "ok" if ok and res["backends"] else "failed"
-    return res
+        res["backends"][be] = _verdicts_or_error(lambda be=be: compare(be))
+    return _with_status(res)
 
 
 def lanes_case(torch, pk, device, backend="cuda", size=(4096, 4, 512)) -> dict:
@@ -802,15 +815,9 @@ def lanes_case(torch, pk, device, backend="cuda", size=(4096, 4, 512)) -> dict:
     for name, env in CUDA_VARIANTS.items():
         for dt in ("float32", "bfloat16"):
             x = seeded_randn(torch, size, 10, device, dtype_of(torch, dt))
-            try:
-                res["backends"][f"{name}:{dt}"] = with_env(lambda x=x: compare_case(
-                    torch, pk, x, backend=backend, layout="list", normalize=True, grad_s_top_only=False, seed=0),
-                    env)()
-            except Exception as err:  # noqa: BLE001
-                res["backends"][f"{name}:{dt}"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-    ok = all("error" not in v and all(c["ok"] for c in v.values()) for v in res["backends"].values())
-    res["status"] = "ok" if ok else "failed"
-    return res
+            res["backends"][f"{name}:{dt}"] = _verdicts_or_error(with_env(lambda x=x: compare_case(
+                torch, pk, x, backend=backend, layout="list", normalize=True, grad_s_top_only=False, seed=0), env))
+    return _with_status(res)
 
 
 def chunked_fault_case(torch, pk, device) -> dict:
@@ -836,19 +843,16 @@ def chunked_fault_case(torch, pk, device) -> dict:
                 "chunked-aligned-stride": ({"launch_config": config(16, 16, False)}, padded[..., :33]),
                 "one-pass": ({"launch_config": config(8, 64, True)}, None)}
     res: dict[str, Any] = {"B": 7, "M": 3, "D": 33, "dtype": "float32", "backends": {}}
-    for name, (knobs, z) in variants.items():
-        z = x64.to(device, torch.float32) if z is None else z
-        try:
-            out = with_knobs(lambda z=z: pk.gram_svd(list(z.unbind(1)), backend="triton"), triton_gram, knobs)()
-            res["backends"][name] = {
-                "S": verdict(rel_err(out.S, exact.S), THRESHOLDS["float32"]["S"]),
+    def compare(z):
+        out = pk.gram_svd(list(z.unbind(1)), backend="triton")
+        return {"S": verdict(rel_err(out.S, exact.S), THRESHOLDS["float32"]["S"]),
                 "U": verdict(rel_err(out.U.transpose(1, 2)[cols.to(out.U.device)], exact.U.transpose(1, 2)[cols]),
                              THRESHOLDS["float32"]["U"])}
-        except Exception as err:  # noqa: BLE001
-            res["backends"][name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-    ok = all("error" not in v and all(c["ok"] for c in v.values()) for v in res["backends"].values())
-    res["status"] = "ok" if ok else "failed"
-    return res
+
+    for name, (knobs, z) in variants.items():
+        z = x64.to(device, torch.float32) if z is None else z
+        res["backends"][name] = _verdicts_or_error(with_knobs(lambda z=z: compare(z), triton_gram, knobs))
+    return _with_status(res)
 
 
 # ----------------------------------------------------------------------------------------------- bench
@@ -944,18 +948,7 @@ CUDA_VARIANTS = {"cuda-8-lanes": {"PMRL_CUDA_MAX_LANES": "8"}, "cuda-4-lanes": {
 
 def with_env(fn, env: dict):
     """fn run with these environment variables set, then put back."""
-    def run():
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return fn()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    return run
+    return mock.patch.dict(os.environ, env)(fn)
 
 
 def static_check_module():
@@ -983,16 +976,7 @@ def variant_differs(provider: str, m: int, d: int, dtype: str) -> bool:
 
 def with_knobs(fn, module, knobs: dict):
     """fn run with the module's knobs (module-level constants its launchers read) set to knobs, then put back."""
-    def run():
-        saved = {k: getattr(module, k) for k in knobs}
-        for k, v in knobs.items():
-            setattr(module, k, v)
-        try:
-            return fn()
-        finally:
-            for k, v in saved.items():
-                setattr(module, k, v)
-    return run
+    return mock.patch.multiple(module, **knobs)(fn)
 
 
 def triton_variant(fn, provider: str):

@@ -100,7 +100,7 @@ AUTO_ORDER = {
 # and in local memory above. So past CUDA_REGISTER_MAX_M modalities "auto" tries these instead.
 # The contrastive term (same card, run3-full, the loss's forward+backward at M = 4): the blocked backend (torch.mm
 # on row blocks) took 462 ms at IEEE fp32, 134 ms under TF32 and 155 ms under bf16 autocast, Triton's kernel 2016,
-# 422 and 432 ms: blocked leads at every precision, for 257 MB more peak memory (one 256 MiB logits block).
+# 422 and 432 ms: blocked leads at every precision, for 257 MiB more peak memory (one 256 MiB logits block).
 CUDA_REGISTER_MAX_M = 8
 AUTO_ORDER_MANY_MODALITIES = {"gram_eig": {"cuda": ("triton", "cuda", "reference")}}
 

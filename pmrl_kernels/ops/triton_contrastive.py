@@ -61,8 +61,8 @@ _INTERPRETING = tl.constexpr(interpreting())
 
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b at the precision torch would use for the same matmul (contrastive_common.operand_precision): bf16/fp16
-    operands (fp32 accumulation) under autocast, else fp32 operands as TF32 or IEEE. Triton's interpreter
+    """acc + a @ b at the precision torch would use for the same matmul (contrastive_common.operand_precision):
+    bf16/fp16 operands (fp32 accumulation) under autocast, else fp32 operands as TF32 or IEEE. Triton's interpreter
     mis-reads 16-bit dots, so there the operands are rounded to 16 bits and multiplied in IEEE fp32: the same
     products (exact in fp32) and fp32 sums."""
     if PRECISION == "bf16" or PRECISION == "fp16":

@@ -322,10 +322,10 @@ def _common_strides(zs: list[torch.Tensor]) -> list[torch.Tensor]:
 def launch_config(m_pad: int, d: int) -> dict:
     """BLOCK_B, BLOCK_D and RESIDENT (the passes work on a tile loaded once) of the forward and backward kernels for
     M padded to m_pad and D = d, any dtype. Resident when an instance's padded tile fits RESIDENT_ELEMENTS, in the
-    interpreter too, so that both paths run there. Compiled: at most 256 entries of G (and of V) per program for the Jacobi solve; resident, as
-    many instances as fill RESIDENT_ELEMENTS; chunked, chunks of REGISTER_BUDGET elements (no register spills for
-    sm_90: benchmarks/static_check.py in CI), otherwise untuned. Interpreted: the cost is per operation, not per element,
-    so 64 instances and, chunked, up to 512 features at a time."""
+    interpreter too, so that both paths run there. Compiled: at most 256 entries of G (and of V) per program for
+    the Jacobi solve; resident, as many instances as fill RESIDENT_ELEMENTS; chunked, chunks of REGISTER_BUDGET
+    elements (no register spills for sm_90: benchmarks/static_check.py in CI), otherwise untuned. Interpreted: the
+    cost is per operation, not per element, so 64 instances and, chunked, up to 512 features at a time."""
     d_pad = triton.next_power_of_2(d)
     resident = m_pad * d_pad <= RESIDENT_ELEMENTS
     if interpreting():
