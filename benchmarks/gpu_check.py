@@ -489,11 +489,20 @@ def kernel_setup(args):
 
 
 def cmd_sanitize(args):
-    """The compute-sanitizer driver. --tag names the run (plain, memcheck, synccheck); --dry-run runs the same
-    logic on the CPU with cpp and interpreted Triton and records the sanitizer step as skipped (no GPU)."""
+    """The compute-sanitizer driver. --tag names the run (plain, memcheck, racecheck, synccheck); --dry-run runs the
+    same logic on the CPU with cpp and interpreted Triton and records the sanitizer step as skipped (no GPU).
+
+    racecheck looks for shared-memory hazards, so it runs Triton only (the CUDA kernels share values by warp
+    shuffles, without shared memory), and first the input Triton's chunked forward got wrong (chunked_fault_case):
+    a race between its layout conversions would show there (README, Limits)."""
     name = "sanitizer" if args.dry_run else f"sanitize_{args.tag}"
     step = Step(args.steps, name, args.budget, margin=2 if args.dry_run else 5)
     torch, pk, device, backends, missing = kernel_setup(args)
+    if args.tag == "racecheck":
+        backends = [b for b in backends if b == "triton"]
+        if backends:
+            step.data["chunked_fault"] = _verdicts_or_error(lambda: chunked_fault_case(torch, pk, device))
+            step.save()
     counts = {"cpp": args.sample, "cuda": args.sample, "triton": args.triton_sample or args.sample}
     per_backend = []
     for b in backends:
@@ -653,10 +662,13 @@ def cmd_correctness(args):
     # the rest with the backends taking turns, so that a short budget cuts each backend's tail alike
     rest = [t for t in tasks if t not in first]
     turn = {id(t): sum(o[1]["backend"] == t[1]["backend"] for o in rest[:i]) for i, t in enumerate(rest)}
-    # and before them a diagnosis: which variant of Triton's chunked forward goes wrong (README, Limits)
+    # and before them a diagnosis: which variant of Triton's chunked forward goes wrong (README, Limits), and the
+    # timed variants of each backend (the interpreter at a small size)
+    variant_size = (16, 4, 64) if args.dry_run else (4096, 4, 512)
     diagnosis = [("special", {"check": "chunked_fault"}, lambda: chunked_fault_case(torch, pk, device))] * (
-        "triton" in backends) + [("special", {"check": "cuda_lanes"}, lambda: lanes_case(torch, pk, device))] * (
-        "cuda" in backends)
+        "triton" in backends) + [("special", {"check": f"{be}_variants"},
+                                  partial(variants_case, torch, pk, device, be, size=variant_size)) for be in backends
+                                 if be != "cpp"]
     tasks = first + [("special", {"check": "stream"}, lambda: stream_case(torch, pk, backends, device)),
                      ("special", {"check": "large_bf16"}, lambda: large_case(backends, args, step))] + \
         diagnosis + sorted(rest, key=lambda t: turn[id(t)])
@@ -807,16 +819,26 @@ def stream_case(torch, pk, backends, device) -> dict:
     return _with_status(res)
 
 
-def lanes_case(torch, pk, device, backend="cuda", size=(4096, 4, 512)) -> dict:
-    """The CUDA kernels at each CUDA_VARIANTS lane count against the float64 reference (compare_case: S, U, lead, the
-    loss, both gradients) on the benchmark's M and D at B = 4096, fp32 and bf16: a lane count is timed only if it
-    is right too."""
-    res: dict[str, Any] = dict(zip("BMD", size), dtype="float32+bfloat16", backends={})
-    for name, env in CUDA_VARIANTS.items():
-        for dt in ("float32", "bfloat16"):
+def variants_case(torch, pk, device, kind: str, backend: Optional[str] = None, size=(4096, 4, 512)) -> dict:
+    """The timed variants of a kernel backend against the float64 reference (compare_case: S, U, lead, the loss, both
+    gradients) on the benchmark's M and D at B = 4096: kind "cuda", the lane counts of CUDA_VARIANTS in fp32 and
+    bf16; kind "triton", the TRITON_VARIANTS that launch other kernels than "triton" at this size (path, warps,
+    Jacobi ordering), fp32. A variant is timed only if it is right too; `backend` (default: kind) runs them."""
+    backend = backend or kind
+    b, m, d = size
+    if kind == "cuda":
+        variants = {name: partial(with_env, env=env) for name, env in CUDA_VARIANTS.items()}
+        dtypes = ("float32", "bfloat16")
+    else:
+        variants = {name: partial(triton_variant, provider=name) for name in TRITON_VARIANTS
+                    if variant_differs(name, m, d, "float32")}
+        dtypes = ("float32",)
+    res: dict[str, Any] = dict(zip("BMD", size), dtype="+".join(dtypes), backends={})
+    for name, wrap in variants.items():
+        for dt in dtypes:
             x = seeded_randn(torch, size, 10, device, dtype_of(torch, dt))
-            res["backends"][f"{name}:{dt}"] = _verdicts_or_error(with_env(lambda x=x: compare_case(
-                torch, pk, x, backend=backend, layout="list", normalize=True, grad_s_top_only=False, seed=0), env))
+            res["backends"][f"{name}:{dt}"] = _verdicts_or_error(wrap(lambda x=x: compare_case(
+                torch, pk, x, backend=backend, layout="list", normalize=True, grad_s_top_only=False, seed=0)))
     return _with_status(res)
 
 
@@ -1391,6 +1413,8 @@ def parse_sanitizer(steps: Path, runs: list[dict], data: dict) -> tuple[str, str
                "backends": driver.get("backends"), "device": driver.get("device")}
         if tool != "plain":
             res.update(parse_sanitizer_log(run["log"]))
+        if "chunked_fault" in driver:
+            res["chunked_fault"] = driver["chunked_fault"].get("status")
         if driver.get("status") in (None, "running"):  # it died (or never started): say of what
             res["driver_error"] = _last_error(run["log"])
         data[tool] = res
@@ -1404,6 +1428,7 @@ def parse_sanitizer(steps: Path, runs: list[dict], data: dict) -> tuple[str, str
             bad = True
         label = f"{tool}: " + (f"{errs} errors ({api} API), " if tool != "plain" else "") + \
             f"{res['combos_done']}/{res['combos_planned']} combos" + (" (timed out)" if res["timed_out"] else "") + \
+            (f", chunked_fault {res['chunked_fault']}" if "chunked_fault" in res else "") + \
             (f" rc {run['rc']}" if run["rc"] and not res["timed_out"] else "") + \
             (f" ({res['driver_error'][:100]})" if res.get("driver_error") else "")
         parts.append(label)
@@ -1414,8 +1439,8 @@ def parse_sanitizer(steps: Path, runs: list[dict], data: dict) -> tuple[str, str
         bad = True
         parts.append("no combination ran in any run")
     # a timeout leaves a partial but valid check: reported in the reason, not as a failure
-    summary_missing = [t for t in ("memcheck", "synccheck") if t in data and data[t].get("error_summary") is None
-                       and not data[t]["timed_out"]]
+    summary_missing = [t for t in ("memcheck", "racecheck", "synccheck")
+                       if t in data and data[t].get("error_summary") is None and not data[t]["timed_out"]]
     if summary_missing:
         bad = True
         parts.append(f"no ERROR SUMMARY in {', '.join(summary_missing)}")
@@ -1684,7 +1709,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip", help="finish: record the step as skipped with this reason")
     p.add_argument("--budget-s", type=float, help="finish: the step's whole budget (default: its runs' sum)")
     p.add_argument("--backend", help="large: the backend to check")
-    p.add_argument("--tag", default="plain", help="sanitize: plain, memcheck or synccheck")
+    p.add_argument("--tag", default="plain", help="sanitize: plain, memcheck, racecheck or synccheck")
     p.add_argument("--sample", type=int, default=14, help="sanitize: combos per backend")
     p.add_argument("--triton-sample", type=int, help="sanitize: combos for triton (default --sample)")
     p.add_argument("--print", action="store_true", help="summarize: print summary.txt")

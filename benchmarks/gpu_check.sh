@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU acceptance run of pmrl_kernels on a bare H100/H200 machine, in under 9 minutes:
-#   env -> static (dry run) -> build (pip -e, nvcc) -> copy bandwidth -> compute-sanitizer (memcheck, synccheck) -> correctness vs
-#   the float64 reference -> benchmark (B=65536, D=512) -> ncu DRAM bytes -> GPU pytest -> bench CLI (if time).
+#   env -> static (dry run) -> build (pip -e, nvcc) -> copy bandwidth -> compute-sanitizer (memcheck, racecheck)
+#   -> correctness vs the float64 reference -> benchmark (B=65536, D=512) -> ncu DRAM bytes -> GPU pytest -> bench
+#   CLI (if time).
 # Every step has its own timeout and is recorded as ok/failed/skipped; one failure never ends the run.
 # Results: $OUT (default ./out/gpu_check), flat, 8 files at most: summary.json, summary.txt, build.log,
 # sanitizer.log, pytest.log, bench.json, ncu.txt, steps.log. summary.txt is printed at the end.
@@ -10,8 +11,9 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # CPU only: the script's own logic at tiny sizes (~1 minute)
 #
 # The logic is in benchmarks/gpu_check.py; this file only sets up the environment, budgets the time and runs
-# the tools (pip, compute-sanitizer, ncu, pytest). GPU_CHECK_TOTAL_S overrides the overall budget and
-# GPU_CHECK_SANITIZER_S the sanitizer's cap; PMRL_SKIP_EXTENSION=1 makes it a Triton-only run (no build).
+# the tools (pip, compute-sanitizer, ncu, pytest). GPU_CHECK_TOTAL_S overrides the overall budget,
+# GPU_CHECK_SANITIZER_S the sanitizer's cap and GPU_CHECK_SANITIZER_TOOLS its tools ("memcheck racecheck");
+# PMRL_SKIP_EXTENSION=1 makes it a Triton-only run (no build).
 set -uo pipefail  # no -e: a failing step is recorded and the run goes on
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -193,29 +195,32 @@ fi
 pystep bandwidth 25 bandwidth
 
 # 4. compute-sanitizer on small shapes: a plain run first (functional check, and it fills the Triton cache so
-#    the sanitized runs do not JIT), then memcheck and synccheck. PYTORCH_NO_CUDA_MEMORY_CACHING: every tensor
-#    its own cudaMalloc, or memcheck cannot see an overrun that stays inside the caching allocator's block.
+#    the sanitized runs do not JIT), then each tool of GPU_CHECK_SANITIZER_TOOLS (default memcheck and racecheck:
+#    synccheck was clean in runs 1 and 3, and racecheck, Triton only, runs the input Triton's chunked forward got
+#    wrong first: README, Limits), sharing what is left. PYTORCH_NO_CUDA_MEMORY_CACHING: every tensor its own
+#    cudaMalloc, or memcheck cannot see an overrun that stays inside the caching allocator's block.
 secs=$(budget sanitizer "${GPU_CHECK_SANITIZER_S:-120}")
+read -ra tools <<<"${GPU_CHECK_SANITIZER_TOOLS:-memcheck racecheck}"
 if [[ -z ${SANITIZER:-} ]]; then
   finish sanitizer --skip "compute-sanitizer not found"
 elif ((secs < 30)); then
   finish sanitizer --skip "no time left (total budget ${TOTAL}s)"
 else
-  say "sanitizer: up to ${secs}s (plain, memcheck, synccheck)"
+  say "sanitizer: up to ${secs}s (plain, ${tools[*]})"
   drv=("$PY" benchmarks/gpu_check.py sanitize --sample 16 --triton-sample 12)
   # (each run spends about 10 s importing torch and starting CUDA before its first combination)
-  t_plain=$((secs * 3 / 10 > 25 ? secs * 3 / 10 : 25)) t_mem=$((secs * 45 / 100 > 30 ? secs * 45 / 100 : 30))
+  t_plain=$((secs * 3 / 10 > 25 ? secs * 3 / 10 : 25))
   run_timed sanitizer:plain "$t_plain" "$WORK/sanitize_plain.log" "${drv[@]}" --tag plain --budget $((t_plain - 5))
-  run_timed sanitizer:memcheck "$t_mem" "$WORK/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$SANITIZER" --tool memcheck --target-processes all --print-limit 100 \
-    "${drv[@]}" --tag memcheck --budget $((t_mem - 15))
-  t_sync=$(budget sanitizer $((secs - t_plain - t_mem)))
-  if ((t_sync >= 20)); then
-    run_timed sanitizer:synccheck "$t_sync" "$WORK/synccheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SANITIZER" --tool synccheck --target-processes all --print-limit 100 \
-      "${drv[@]}" --tag synccheck --budget $((t_sync - 15))
-  fi
-  append_logs "$OUT/sanitizer.log" 2000000 sanitize_plain memcheck synccheck
+  left=$((secs - t_plain))
+  for i in "${!tools[@]}"; do
+    t=$(budget sanitizer $((left / (${#tools[@]} - i))))  # an equal share of what is left
+    ((t < 20)) && continue  # too short to start anything
+    run_timed "sanitizer:${tools[i]}" "$t" "$WORK/${tools[i]}.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SANITIZER" --tool "${tools[i]}" --target-processes all --print-limit 100 \
+      "${drv[@]}" --tag "${tools[i]}" --budget $((t - 15))
+    left=$((left - t))
+  done
+  append_logs "$OUT/sanitizer.log" 2000000 sanitize_plain "${tools[@]}"
   finish sanitizer --budget-s "$secs"
 fi
 

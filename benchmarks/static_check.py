@@ -14,7 +14,7 @@ for M <= 8 in every fp32/bf16/fp16 CUDA kernel, no spill in any Triton kernel fo
 contrastive kernels under TF32 and bf16.
 
     python benchmarks/static_check.py [--cuda] [--triton] [--json PATH] [--jobs N]
-    python benchmarks/static_check.py --scan   # wider, informational: spills of every Gram forward with M <= 8,
+    python benchmarks/static_check.py --scan   # wider, informational: spills of every Gram kernel with M <= 8,
                                                # and the Jacobi sweep's cost in each ordering, from the PTX
 
 Exits 1 when a check fails. Runs Triton in a subprocess-free way only when TRITON_INTERPRET is unset.
@@ -102,8 +102,7 @@ GRAM_LAUNCHES = [dict(m=m, d=512, dtype=dtype, normalize=normalize)
                  for m in (2, 3, 4, 5, 8, 9, 16) for dtype in ("float32", "bfloat16")
                  for normalize in (True, False) if normalize or dtype == "float32"]
 GRAM_LAUNCHES += [dict(m=4, d=512, dtype="float16", normalize=True), dict(m=7, d=129, dtype="float32", normalize=True)]
-# both paths at M <= 8 (at D = 512 M <= 4 is resident, larger M chunked; the fp32 forward always chunked): M = 8
-# resident, M = 4 chunked
+# both paths at M <= 8 (at D = 512 M <= 4 is resident, larger M chunked): M = 8 resident, M = 4 chunked
 GRAM_LAUNCHES += [dict(m=m, d=d, dtype=dtype, normalize=True) for m, d in ((8, 256), (4, 4096))
                   for dtype in ("float32", "bfloat16")]
 CONTRASTIVE_LAUNCHES = [dict(b=4096, d=d, precision=p, same=same)
@@ -223,8 +222,9 @@ def triton_report() -> dict:
 
 # ------------------------------------------------------------------------------------------------------ scan
 
-# Every Gram forward configuration with M <= 8 at a D that is a multiple of 16 and one that is not (Triton
-# specialises integers divisible by 16), fp32 and bf16, both normalisations: wider than the contract's sample.
+# Every Gram configuration with M <= 8 at a D that is a multiple of 16 and one that is not (Triton specialises
+# integers divisible by 16), fp32 and bf16, both normalisations, forward and backward: wider than the contract's
+# sample.
 SCAN_LAUNCHES = [dict(m=m, d=d, dtype=dtype, normalize=normalize) for m in range(2, MAX_CLEAN_M + 1)
                  for d in (129, 512) for dtype in ("float32", "bfloat16") for normalize in (True, False)]
 SWEEP_COST_M = (2, 3, 4, 8, 16)
@@ -257,14 +257,15 @@ def rotation_loop(loops: list[dict]) -> dict:
 
 
 def scan_report() -> dict:
-    """Spills of every SCAN_LAUNCHES forward, and the sweep's cost in each Jacobi ordering at SWEEP_COST_M (fp32,
-    D = 512): the rotation loop's body times its trips a sweep (M (M - 1) / 2 rotations, MP - 1 rounds)."""
+    """Spills of the forward and backward kernels of every SCAN_LAUNCHES configuration, and the sweep's cost in each
+    Jacobi ordering at SWEEP_COST_M (fp32, D = 512): the rotation loop's body times its trips a sweep (M (M - 1) / 2
+    rotations, MP - 1 rounds)."""
     from pmrl_kernels.ops import triton_gram
 
     spills = []
     for spec in SCAN_LAUNCHES:
-        kernel, _, args, kwargs = _gram_launches(spec)[0]
-        spills.append(dict(spec, **_compile_launch(kernel, args, kwargs)))
+        for direction, (kernel, _, args, kwargs) in zip(("forward", "backward"), _gram_launches(spec)):
+            spills.append(dict(spec, direction=direction, **_compile_launch(kernel, args, kwargs)))
     sweeps = []
     saved = triton_gram.CYCLIC_JACOBI_MAX_M
     try:
@@ -285,10 +286,10 @@ def scan_report() -> dict:
 
 def scan_text(scan: dict) -> str:
     spilled = [r for r in scan["spills"] if r["spill_stores"] or r["spill_loads"]]
-    lines = [f"Gram forward, sm_90: {len(spilled)} of {len(scan['spills'])} configurations with M <= {MAX_CLEAN_M} "
-             "spill (M, D, dtype, normalize: registers, spill stores/loads bytes)"]
-    lines += [f"  M={r['m']} D={r['d']} {r['dtype']} normalize={r['normalize']}: {r['registers']} registers, "
-              f"{r['spill_stores']}/{r['spill_loads']} B" for r in spilled]
+    lines = [f"Gram kernels, sm_90: {len(spilled)} of {len(scan['spills'])} with M <= {MAX_CLEAN_M} spill (direction, "
+             "M, D, dtype, normalize: registers, spill stores/loads bytes)"]
+    lines += [f"  {r['direction']} M={r['m']} D={r['d']} {r['dtype']} normalize={r['normalize']}: "
+              f"{r['registers']} registers, {r['spill_stores']}/{r['spill_loads']} B" for r in spilled]
     lines += ["", "Jacobi sweep, fp32 D = 512 (PTX: the rotation loop's body x its trips a sweep)",
               f"{'M':>3} {'ordering':<9}{'body':>6}{'bar':>5}{'trips':>6}{'sweep':>8}{'bar':>6}"]
     lines += [f"{r['m']:>3} {r['ordering']:<9}{r['body_instructions']:>6}{r['body_barriers']:>5}{r['trips']:>6}"

@@ -106,7 +106,7 @@ def test_compare_case_flags_a_flipped_eigenvector_column():
     assert all(v["ok"] for q, v in res.items() if q != "U"), res
 
 
-def test_lanes_case_checks_every_lane_count_and_restores_the_environment(monkeypatch):
+def test_variants_case_checks_every_cuda_lane_count_and_restores_the_environment(monkeypatch):
     """gpu_check's correctness check of the CUDA lane counts (CUDA_VARIANTS), run here on the reference: every lane
     count in fp32 and bf16 passes, a wrong backend fails, and PMRL_CUDA_MAX_LANES is put back."""
     monkeypatch.delenv("PMRL_CUDA_MAX_LANES", raising=False)
@@ -117,11 +117,36 @@ def test_lanes_case_checks_every_lane_count_and_restores_the_environment(monkeyp
             seen.append(os.environ.get("PMRL_CUDA_MAX_LANES"))
             return super().gram_svd(emb, normalize=normalize, backend=backend)
 
-    res = gc.lanes_case(torch, Recording(), "cpu", backend="reference", size=(64, 4, 512))
+    res = gc.variants_case(torch, Recording(), "cpu", "cuda", backend="reference", size=(64, 4, 512))
     assert res["status"] == "ok" and len(res["backends"]) == 2 * len(gc.CUDA_VARIANTS), res
     assert {v["PMRL_CUDA_MAX_LANES"] for v in gc.CUDA_VARIANTS.values()} <= set(seen)
     assert "PMRL_CUDA_MAX_LANES" not in os.environ
-    assert gc.lanes_case(torch, _WrongBackend(), "cpu", backend="wrong", size=(64, 4, 512))["status"] == "failed"
+    assert gc.variants_case(torch, _WrongBackend(), "cpu", "cuda", backend="wrong",
+                            size=(64, 4, 512))["status"] == "failed"
+
+
+def test_variants_case_checks_the_triton_variants_that_differ_with_their_knobs_set():
+    """The Triton variants the bench times beside "triton" at the benchmark's M and D (not the cyclic ordering,
+    which "triton" takes at M = 4), each run with its knobs set, and the knobs put back."""
+    from pmrl_kernels.ops import triton_gram
+
+    knobs = ("RESIDENT_ELEMENTS", "NUM_WARPS", "CYCLIC_JACOBI_MAX_M")
+    before = {k: getattr(triton_gram, k) for k in knobs}
+    seen = []
+
+    class Recording(_WrongBackend):
+        def gram_svd(self, emb, *, normalize, backend):
+            seen.append({k: getattr(triton_gram, k) for k in knobs})
+            return super().gram_svd(emb, normalize=normalize, backend=backend)
+
+    res = gc.variants_case(torch, Recording(), "cpu", "triton", backend="reference", size=(16, 4, 512))
+    expected = {"triton-chunked", "triton-1-warp", "triton-2-warps", "triton-parallel"}
+    assert res["status"] == "ok" and set(res["backends"]) == {f"{n}:float32" for n in expected}, res
+    for name in expected:
+        assert dict(before, **gc.TRITON_VARIANTS[name]) in seen, name
+    assert {k: getattr(triton_gram, k) for k in knobs} == before
+    assert gc.variants_case(torch, _WrongBackend(), "cpu", "triton", backend="wrong",
+                            size=(16, 4, 512))["status"] == "failed"
 
 
 def test_layouts_hold_the_values_with_the_advertised_strides():
@@ -214,6 +239,32 @@ def test_sanitizer_step_that_ran_no_combination_fails(tmp_path, done, status):
     got, reason = gc.parse_sanitizer(tmp_path, runs, {})
     assert got == status, reason
     assert ("no combination ran" in reason) == (done == 0)
+
+
+def test_racecheck_runs_triton_only_and_the_chunked_fault_first(tmp_path):
+    """racecheck looks for shared-memory hazards: Triton's kernels (the CUDA ones use warp shuffles), led by the
+    input Triton's chunked forward got wrong on the H200; the interpreter gets it right, so the dry run records
+    it as ok, and the sanitizer step's line says so."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "sanitize", "--dry-run", "--tag",
+                    "racecheck", "--sample", "1", "--out", str(tmp_path), "--budget", "60"],
+                   check=True, capture_output=True, cwd=ROOT)
+    driver = json.loads((tmp_path / ".steps" / "sanitizer.json").read_text())
+    assert driver["backends"] == ["triton"] and driver["done"] == 1
+    fault = driver["chunked_fault"]
+    assert fault["status"] == "ok", fault
+    assert set(fault["backends"]) >= {"chunked", "one-pass"}
+    # the GPU run's parse of the same driver file
+    steps = tmp_path / "gpu"
+    steps.mkdir()
+    (steps / "sanitize_racecheck.json").write_text(json.dumps(dict(driver, status="ok")))
+    log = tmp_path / "racecheck.log"
+    log.write_text("========= COMPUTE-SANITIZER\n========= RACECHECK SUMMARY: 0 hazards displayed\n"
+                   "========= ERROR SUMMARY: 0 errors\n")
+    run = {"tag": "sanitizer:racecheck", "rc": 0, "seconds": 20.0, "budget_s": 28.0, "log": str(log)}
+    data = {}
+    status, reason = gc.parse_sanitizer(steps, [run], data)
+    assert status == "ok" and "racecheck: 0 errors" in reason and "chunked_fault ok" in reason, reason
+    assert data["racecheck"]["chunked_fault"] == "ok"
 
 
 @pytest.mark.parametrize("text,rc,status,counts", [
