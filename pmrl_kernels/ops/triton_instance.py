@@ -125,9 +125,10 @@ def rotation(app, aqq, apq):
     rotate = tl.abs(apq) * tl.abs(apq) > (JACOBI_TOL * tl.abs(app)) * (JACOBI_TOL * tl.abs(aqq))
     theta = (aqq - app) / tl.where(rotate, 2.0 * apq, 1.0)
     at = tl.abs(theta)
-    small = tl.minimum(at, 1.0)
-    inv_big = 1.0 / tl.maximum(at, 1.0)  # both branches are evaluated: keep each finite
-    root = tl.where(at > 1.0, at * tl.sqrt_rn(1.0 + inv_big * inv_big), tl.sqrt_rn(1.0 + small * small))
+    # at sqrt(1 + 1/at^2) above 1, sqrt(1 + at^2) below: one square root for both (the same values)
+    big = tl.maximum(at, 1.0)
+    q = tl.where(at > 1.0, 1.0 / big, at)
+    root = big * tl.sqrt_rn(1.0 + q * q)
     t = tl.where(theta >= 0.0, 1.0, -1.0) / (at + root)
     t = tl.where(rotate, t, 0.0)
     c = 1.0 / tl.sqrt_rn(t * t + 1.0)
