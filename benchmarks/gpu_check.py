@@ -64,7 +64,8 @@ THRESHOLDS = {
 QUANTITIES = ("S", "S2", "U", "lead", "loss", "grad_gram", "grad_loss")
 # U is compared on the columns it defines: eigenvalue apart from the others by U_GAP lambda_1, and a sign (the
 # column sum's, as the canonical sign) of at least U_SUM. Only U shows a wrong non-leading column: the gradients
-# use u_k u_k^T, where its sign cancels (the H200's Triton forward once flipped such columns, caught by pytest).
+# use u_k u_k^T, where its sign cancels (the H200's chunked Triton forward wrote a wrong column in run 4, which
+# only pytest's U check caught).
 U_GAP, U_SUM = 1e-3, 1e-2
 # S is compared where sigma_k > 1e-2 sigma_1: below, sqrt turns the eigenvalues' rounding noise into sqrt(eps)
 # (D < M, rank-1 inputs); S2 = S^2 (the eigenvalues of G, accurate everywhere) is compared on every entry.
@@ -494,15 +495,16 @@ def cmd_sanitize(args):
 
     racecheck looks for shared-memory hazards, so it runs Triton only (the CUDA kernels share values by warp
     shuffles, without shared memory), and first the input Triton's chunked forward got wrong (chunked_fault_case):
-    a race between its layout conversions would show there (README, Limits)."""
+    a race between its layout conversions would show there (README, Limits). The plain run takes that input first
+    too, so that its variants are compiled before racecheck runs them."""
     name = "sanitizer" if args.dry_run else f"sanitize_{args.tag}"
     step = Step(args.steps, name, args.budget, margin=2 if args.dry_run else 5)
     torch, pk, device, backends, missing = kernel_setup(args)
     if args.tag == "racecheck":
         backends = [b for b in backends if b == "triton"]
-        if backends:
-            step.data["chunked_fault"] = _verdicts_or_error(lambda: chunked_fault_case(torch, pk, device))
-            step.save()
+    if args.tag in ("plain", "racecheck") and "triton" in backends:
+        step.data["chunked_fault"] = _verdicts_or_error(lambda: chunked_fault_case(torch, pk, device))
+        step.save()
     counts = {"cpp": args.sample, "cuda": args.sample, "triton": args.triton_sample or args.sample}
     per_backend = []
     for b in backends:
@@ -1391,12 +1393,24 @@ _SAN_KERNEL = re.compile(r"Invalid __\w+__ (read|write|atomic)|Misaligned|Out of
                          r"Race reported|Uninitialized|Illegal|divergent", re.I)
 
 
+_RACE_SUMMARY = re.compile(r"RACECHECK SUMMARY:\s+(\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)")
+
+
 def parse_sanitizer_log(path: str) -> dict:
+    """Error counts of a compute-sanitizer log. memcheck and synccheck end a process with "ERROR SUMMARY: N errors";
+    racecheck with "RACECHECK SUMMARY: H hazards displayed (E errors, W warnings)", whose errors count when no
+    ERROR SUMMARY is there (warnings: hazards racecheck deems benign, such as equal values written twice)."""
     text = Path(path).read_text(errors="replace") if Path(path).exists() else ""
     summaries = [int(x) for x in re.findall(r"ERROR SUMMARY:\s+(\d+) error", text)]
-    return {"error_summary": sum(summaries) if summaries else None, "summaries_found": len(summaries),
+    races = [tuple(map(int, r)) for r in _RACE_SUMMARY.findall(text)]
+    race = {"race_hazards": sum(r[0] for r in races), "race_errors": sum(r[1] for r in races),
+            "race_warnings": sum(r[2] for r in races)} if races else {}
+    if not summaries and races:
+        summaries = [race["race_errors"]]
+    return {"error_summary": sum(summaries) if summaries else None, "summaries_found": len(summaries) or len(races),
+            **race,
             "kernel_error_lines": len([ln for ln in text.splitlines() if ln.startswith("=") and
-                                       _SAN_KERNEL.search(ln)]),
+                                       _SAN_KERNEL.search(ln) and "Warning" not in ln]),
             "api_error_lines": len(re.findall(r"Program hit \w+", text)),
             "first_errors": [ln for ln in text.splitlines() if ln.startswith("=========") and
                              ("Invalid" in ln or "Program hit" in ln or "error" in ln.lower())][:8]}
@@ -1427,6 +1441,7 @@ def parse_sanitizer(steps: Path, runs: list[dict], data: dict) -> tuple[str, str
         if res["driver_failures"] or (run["rc"] != 0 and not res["timed_out"]):
             bad = True
         label = f"{tool}: " + (f"{errs} errors ({api} API), " if tool != "plain" else "") + \
+            (f"{res['race_warnings']} race warnings, " if res.get("race_warnings") else "") + \
             f"{res['combos_done']}/{res['combos_planned']} combos" + (" (timed out)" if res["timed_out"] else "") + \
             (f", chunked_fault {res['chunked_fault']}" if "chunked_fault" in res else "") + \
             (f" rc {run['rc']}" if run["rc"] and not res["timed_out"] else "") + \

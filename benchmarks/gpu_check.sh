@@ -21,7 +21,7 @@ DRY=0
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (only --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -209,16 +209,19 @@ else
   say "sanitizer: up to ${secs}s (plain, ${tools[*]})"
   drv=("$PY" benchmarks/gpu_check.py sanitize --sample 16 --triton-sample 12)
   # (each run spends about 10 s importing torch and starting CUDA before its first combination)
-  t_plain=$((secs * 3 / 10 > 25 ? secs * 3 / 10 : 25))
+  t_plain=$((secs * 3 / 10 > 25 ? secs * 3 / 10 : 25)) start=$SECONDS
   run_timed sanitizer:plain "$t_plain" "$WORK/sanitize_plain.log" "${drv[@]}" --tag plain --budget $((t_plain - 5))
-  left=$((secs - t_plain))
+  # what is left when a tool starts, shared by weight among it and the tools after it: memcheck covers both
+  # backends, racecheck Triton alone
+  declare -A WEIGHT=([memcheck]=3 [racecheck]=2 [synccheck]=2)
   for i in "${!tools[@]}"; do
-    t=$(budget sanitizer $((left / (${#tools[@]} - i))))  # an equal share of what is left
+    weights=0
+    for tool in "${tools[@]:i}"; do weights=$((weights + ${WEIGHT[$tool]:-2})); done
+    t=$(budget sanitizer $(((secs - (SECONDS - start)) * ${WEIGHT[${tools[i]}]:-2} / weights)))
     ((t < 20)) && continue  # too short to start anything
     run_timed "sanitizer:${tools[i]}" "$t" "$WORK/${tools[i]}.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool "${tools[i]}" --target-processes all --print-limit 100 \
       "${drv[@]}" --tag "${tools[i]}" --budget $((t - 15))
-    left=$((left - t))
   done
   append_logs "$OUT/sanitizer.log" 2000000 sanitize_plain "${tools[@]}"
   finish sanitizer --budget-s "$secs"

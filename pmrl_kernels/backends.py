@@ -95,7 +95,7 @@ AUTO_ORDER = {
     "contrastive": {"cuda": ("blocked", "triton", "reference"), "cpu": ("reference",)},
 }
 # Measured on an H200 (benchmarks/results/gpu-nvidia-h200, B = 65536, D = 512): the `cuda` gram_eig took 0.84 ms
-# forward+backward at M = 4 in fp32 against 2.8 ms for the faster Triton path, but 440 ms at M = 16 against
+# forward+backward at M = 4 in fp32 against 1.12 to 3.43 ms for Triton's paths (run 3), but 440 ms at M = 16 against
 # Triton's 141 ms: the CUDA kernel keeps its M x M arrays in registers only up to M = 8 (benchmarks/static_check.py)
 # and in local memory above. So past CUDA_REGISTER_MAX_M modalities "auto" tries these instead.
 # The contrastive term (same card, run3-full, the loss's forward+backward at M = 4): the blocked backend (torch.mm

@@ -85,8 +85,8 @@ def test_compare_case_flags_a_wrong_backend_and_passes_the_reference(layout):
 
 class _FlippedColumn:
     """The public API, except that backend "flipped" negates U's last column: the gradients, which use
-    u_k u_k^T, and S, lead and the loss do not change; only the U check can see it (the H200 Triton forward's
-    failure, run3)."""
+    u_k u_k^T, and S, lead and the loss do not change; only the U check can see a wrong non-leading column (the
+    H200's chunked Triton forward wrote one in run 4)."""
 
     def gram_svd(self, emb, *, normalize, backend):
         out = pk.gram_svd(emb, normalize=normalize, backend="reference")
@@ -226,6 +226,29 @@ def test_sanitizer_log_counts(tmp_path):
     assert gc.parse_sanitizer_log(str(tmp_path / "missing.log"))["error_summary"] is None
 
 
+def test_racecheck_log_counts_its_own_summary(tmp_path):
+    """racecheck ends with RACECHECK SUMMARY, not ERROR SUMMARY: its errors count, its warnings (benign hazards)
+    are reported without failing, and an error fails the sanitizer step."""
+    log = tmp_path / "racecheck.log"
+    log.write_text("========= COMPUTE-SANITIZER\n"
+                   "========= Error: Race reported between Write access at _gram_eig_fwd_kernel+0x3a0\n"
+                   "=========     and Read access at _gram_eig_fwd_kernel+0x3c0 [4 hazards]\n"
+                   "========= Warning: Race reported between Write access at _gram_eig_fwd_kernel+0x1a0\n"
+                   "========= RACECHECK SUMMARY: 2 hazards displayed (1 errors, 1 warnings)\n")
+    res = gc.parse_sanitizer_log(str(log))
+    assert res["error_summary"] == 1 and res["race_warnings"] == 1 and res["kernel_error_lines"] == 1, res
+    (tmp_path / "sanitize_racecheck.json").write_text(json.dumps(
+        {"status": "ok", "done": 3, "planned": 12, "failures": [], "backends": ["triton"]}))
+    run = {"tag": "sanitizer:racecheck", "rc": 0, "seconds": 20.0, "budget_s": 28.0, "log": str(log)}
+    status, reason = gc.parse_sanitizer(tmp_path, [run], {})
+    assert status == "failed" and "racecheck: 1 errors" in reason and "1 race warnings" in reason, reason
+    log.write_text("========= COMPUTE-SANITIZER\n"
+                   "========= Warning: Race reported between Write access at _gram_eig_fwd_kernel+0x1a0\n"
+                   "========= RACECHECK SUMMARY: 1 hazard displayed (0 errors, 1 warning)\n")
+    status, reason = gc.parse_sanitizer(tmp_path, [run], {})
+    assert status == "ok", reason
+
+
 @pytest.mark.parametrize("done, status", [(0, "failed"), (3, "ok")])
 def test_sanitizer_step_that_ran_no_combination_fails(tmp_path, done, status):
     """Seen on the H200: runs whose budget went to starting CUDA ran nothing; that is no pass."""
@@ -258,8 +281,8 @@ def test_racecheck_runs_triton_only_and_the_chunked_fault_first(tmp_path):
     steps.mkdir()
     (steps / "sanitize_racecheck.json").write_text(json.dumps(dict(driver, status="ok")))
     log = tmp_path / "racecheck.log"
-    log.write_text("========= COMPUTE-SANITIZER\n========= RACECHECK SUMMARY: 0 hazards displayed\n"
-                   "========= ERROR SUMMARY: 0 errors\n")
+    log.write_text("========= COMPUTE-SANITIZER\n"
+                   "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
     run = {"tag": "sanitizer:racecheck", "rc": 0, "seconds": 20.0, "budget_s": 28.0, "log": str(log)}
     data = {}
     status, reason = gc.parse_sanitizer(steps, [run], data)
