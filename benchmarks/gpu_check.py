@@ -827,7 +827,7 @@ def variants_case(torch, pk, device, kind: str, backend: Optional[str] = None, s
     bf16; kind "triton", the TRITON_VARIANTS that launch other kernels than "triton" at this size (path, warps,
     Jacobi ordering), fp32. A variant is timed only if it is right too; `backend` (default: kind) runs them."""
     backend = backend or kind
-    b, m, d = size
+    _, m, d = size
     if kind == "cuda":
         variants = {name: partial(with_env, env=env) for name, env in CUDA_VARIANTS.items()}
         dtypes = ("float32", "bfloat16")
@@ -1405,9 +1405,8 @@ def parse_sanitizer_log(path: str) -> dict:
     races = [tuple(map(int, r)) for r in _RACE_SUMMARY.findall(text)]
     race = {"race_hazards": sum(r[0] for r in races), "race_errors": sum(r[1] for r in races),
             "race_warnings": sum(r[2] for r in races)} if races else {}
-    if not summaries and races:
-        summaries = [race["race_errors"]]
-    return {"error_summary": sum(summaries) if summaries else None, "summaries_found": len(summaries) or len(races),
+    return {"error_summary": sum(summaries) if summaries else race.get("race_errors"),
+            "summaries_found": len(summaries) or len(races),
             **race,
             "kernel_error_lines": len([ln for ln in text.splitlines() if ln.startswith("=") and
                                        _SAN_KERNEL.search(ln) and "Warning" not in ln]),
