@@ -671,9 +671,11 @@ def cmd_correctness(args):
         "triton" in backends) + [("special", {"check": f"{be}_variants"},
                                   partial(variants_case, torch, pk, device, be, size=variant_size)) for be in backends
                                  if be != "cpp"]
-    tasks = first + [("special", {"check": "stream"}, lambda: stream_case(torch, pk, backends, device)),
-                     ("special", {"check": "large_bf16"}, lambda: large_case(backends, args, step))] + \
-        diagnosis + sorted(rest, key=lambda t: turn[id(t)])
+    # (the diagnosis before the stream and > 2^31 checks, which passed in run 3: it decides the next defaults)
+    tasks = first + diagnosis + [
+        ("special", {"check": "stream"}, lambda: stream_case(torch, pk, backends, device)),
+        ("special", {"check": "large_bf16"}, lambda: large_case(backends, args, step))] + \
+        sorted(rest, key=lambda t: turn[id(t)])
 
     for kind, meta, run in tasks:
         if step.out_of_time():
@@ -694,18 +696,29 @@ def cmd_correctness(args):
         step.data["rows" if kind == "row" else "special"].append(entry)
         step.save()
 
-    entries = step.data["rows"] + step.data["special"]
+    status, reason = correctness_outcome(step.data["rows"], step.data["special"], backends, missing)
+    step.done(status, reason)
+    print(reason)
+
+
+def correctness_outcome(rows: list, special: list, backends: list, missing: list) -> tuple[str, str]:
+    """The correctness step's status and line. chunked_fault diagnoses a known fault (README, Limits): its
+    variants' outcomes are reported, and do not fail the kernels' checks."""
+    fault = [e for e in special if e.get("check") == "chunked_fault"]
+    entries = [e for e in rows + special if e not in fault]
     failed = [e for e in entries if e.get("status") == "failed"]
     ran = [e for e in entries if e.get("status") != "skipped"]
     reason = f"{len(ran) - len(failed)}/{len(ran)} checks pass ({', '.join(backends) or 'no kernel backend'})"
+    for e in fault:
+        wrong = failing_variants(variant_outcomes(e))
+        reason += f"; chunked_fault (diagnosis): {e.get('status')}" + (f", wrong: {', '.join(wrong)}" if wrong else "")
     if missing:
         reason += f"; not available: {', '.join(missing)}"
     if failed:
         first = failed[0]
         reason += f"; first failure: {first.get('backend', '')} {first.get('case', first.get('check'))} " \
                   f"{first.get('dtype', '')}"
-    step.done("failed" if failed or not backends else "ok", reason)
-    print(reason)
+    return ("failed" if failed or not backends else "ok"), reason
 
 
 def large_case(backends, args, step: Step) -> dict:
@@ -779,6 +792,16 @@ def _verdicts_or_error(fn) -> dict:
         return fn()
     except Exception as err:  # noqa: BLE001
         return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+
+
+def variant_outcomes(res: dict) -> dict:
+    """{variant: "ok", "wrong" or its error} of a chunked_fault_case or variants_case result."""
+    return {name: v["error"] if "error" in v else "ok" if all(c["ok"] for c in v.values()) else "wrong"
+            for name, v in res.get("backends", {}).items()}
+
+
+def failing_variants(outcomes: dict) -> list:
+    return [name for name, outcome in outcomes.items() if outcome != "ok"]
 
 
 def _with_status(res: dict) -> dict:
@@ -875,7 +898,12 @@ def chunked_fault_case(torch, pk, device) -> dict:
 
     for name, (knobs, z) in variants.items():
         z = x64.to(device, torch.float32) if z is None else z
+        # under compute-sanitizer, a marker and a finished kernel before the next: its hazards print above the
+        # next variant's marker, so the log says which variant they belong to
+        print(f"== chunked_fault variant {name}", flush=True)
         res["backends"][name] = _verdicts_or_error(with_knobs(lambda z=z: compare(z), triton_gram, knobs))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     return _with_status(res)
 
 
@@ -971,8 +999,20 @@ CUDA_VARIANTS = {"cuda-8-lanes": {"PMRL_CUDA_MAX_LANES": "8"}, "cuda-4-lanes": {
 
 
 def with_env(fn, env: dict):
-    """fn run with these environment variables set, then put back."""
-    return mock.patch.dict(os.environ, env)(fn)
+    """fn run with these environment variables set, then put back: only these (mock.patch.dict would rebuild the
+    whole environment on every call, host time inside the timed region of a sub-millisecond kernel)."""
+    def run():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
 
 
 def static_check_module():
@@ -1098,7 +1138,9 @@ def cmd_bench(args):
                 row.update(bench_cell(bencher, fn, cap))
             add(row)
 
-    sizes = [(m, dt) for m in ms_ for dt in ("float32", "bfloat16")]
+    # float32 at every M first: the cells that decide the defaults (lanes, warps, ordering) come before a short
+    # budget runs out
+    sizes = [(m, dt) for dt in ("float32", "bfloat16") for m in ms_]
     # the kernels at every size first, the published recipe last: a short budget cuts the baseline, not them
     for m, dt in sizes:
         zs, gs, gl = inputs_for(m, dt)
@@ -1427,7 +1469,8 @@ def parse_sanitizer(steps: Path, runs: list[dict], data: dict) -> tuple[str, str
         if tool != "plain":
             res.update(parse_sanitizer_log(run["log"]))
         if "chunked_fault" in driver:
-            res["chunked_fault"] = driver["chunked_fault"].get("status")
+            res["chunked_fault"] = driver["chunked_fault"].get("status") or driver["chunked_fault"].get("error")
+            res["chunked_fault_variants"] = variant_outcomes(driver["chunked_fault"])
         if driver.get("status") in (None, "running"):  # it died (or never started): say of what
             res["driver_error"] = _last_error(run["log"])
         data[tool] = res
@@ -1443,6 +1486,8 @@ def parse_sanitizer(steps: Path, runs: list[dict], data: dict) -> tuple[str, str
             (f"{res['race_warnings']} race warnings, " if res.get("race_warnings") else "") + \
             f"{res['combos_done']}/{res['combos_planned']} combos" + (" (timed out)" if res["timed_out"] else "") + \
             (f", chunked_fault {res['chunked_fault']}" if "chunked_fault" in res else "") + \
+            (f" (wrong: {', '.join(failing_variants(res['chunked_fault_variants']))})"
+             if failing_variants(res.get("chunked_fault_variants", {})) else "") + \
             (f" rc {run['rc']}" if run["rc"] and not res["timed_out"] else "") + \
             (f" ({res['driver_error'][:100]})" if res.get("driver_error") else "")
         parts.append(label)

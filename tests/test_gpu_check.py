@@ -125,6 +125,45 @@ def test_variants_case_checks_every_cuda_lane_count_and_restores_the_environment
                             size=(64, 4, 512))["status"] == "failed"
 
 
+def test_with_env_sets_only_its_variables_and_puts_them_back(monkeypatch):
+    """The CUDA lane variants are timed through with_env at every call: it sets and restores its own variables
+    (a value that was there comes back, one that was not goes) and leaves the rest of the environment alone."""
+    monkeypatch.setenv("PMRL_CUDA_MAX_LANES", "16")
+    monkeypatch.delenv("GPU_CHECK_UNSET_VARIABLE", raising=False)
+    monkeypatch.setenv("GPU_CHECK_OTHER", "kept")
+    seen = gc.with_env(lambda: (os.environ["PMRL_CUDA_MAX_LANES"], os.environ["GPU_CHECK_UNSET_VARIABLE"],
+                                os.environ["GPU_CHECK_OTHER"]),
+                       {"PMRL_CUDA_MAX_LANES": "8", "GPU_CHECK_UNSET_VARIABLE": "1"})()
+    assert seen == ("8", "1", "kept")
+    assert os.environ["PMRL_CUDA_MAX_LANES"] == "16" and "GPU_CHECK_UNSET_VARIABLE" not in os.environ
+
+    def fails():
+        raise RuntimeError("kernel")
+    with pytest.raises(RuntimeError):
+        gc.with_env(fails, {"PMRL_CUDA_MAX_LANES": "4"})()
+    assert os.environ["PMRL_CUDA_MAX_LANES"] == "16"
+
+
+def _fault_entry(wrong_variant=None):
+    verdict = {"ok": True, "err": 1e-7}
+    backends = {name: {"S": dict(verdict), "U": dict(verdict, ok=name != wrong_variant)}
+                for name in ("chunked", "chunked-aligned-stride", "one-pass")}
+    return {"check": "chunked_fault", "status": "failed" if wrong_variant else "ok", "backends": backends}
+
+
+def test_correctness_outcome_reports_the_chunked_fault_without_failing_the_kernels():
+    """The known fault's diagnosis names its wrong variants in the step's line and does not fail the step; any
+    other failed check does."""
+    rows = [{"backend": "cuda", "case": "random", "dtype": "float32", "status": "ok"}]
+    status, reason = gc.correctness_outcome(rows, [_fault_entry("chunked")], ["cuda", "triton"], [])
+    assert status == "ok", reason
+    assert "1/1 checks pass" in reason and "chunked_fault (diagnosis): failed, wrong: chunked" in reason, reason
+    status, reason = gc.correctness_outcome(rows + [dict(rows[0], backend="triton", status="failed")],
+                                            [_fault_entry()], ["cuda", "triton"], [])
+    assert status == "failed" and "first failure: triton random" in reason, reason
+    assert "chunked_fault (diagnosis): ok" in reason and "wrong:" not in reason, reason
+
+
 def test_variants_case_checks_the_triton_variants_that_differ_with_their_knobs_set():
     """The Triton variants the bench times beside "triton" at the benchmark's M and D (not the cyclic ordering,
     which "triton" takes at M = 4), each run with its knobs set, and the knobs put back."""
@@ -268,14 +307,17 @@ def test_racecheck_runs_triton_only_and_the_chunked_fault_first(tmp_path):
     """racecheck looks for shared-memory hazards: Triton's kernels (the CUDA ones use warp shuffles), led by the
     input Triton's chunked forward got wrong on the H200; the interpreter gets it right, so the dry run records
     it as ok, and the sanitizer step's line says so."""
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "sanitize", "--dry-run", "--tag",
-                    "racecheck", "--sample", "1", "--out", str(tmp_path), "--budget", "60"],
-                   check=True, capture_output=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "sanitize", "--dry-run",
+                          "--tag", "racecheck", "--sample", "1", "--out", str(tmp_path), "--budget", "60"],
+                         check=True, capture_output=True, text=True, cwd=ROOT).stdout
     driver = json.loads((tmp_path / ".steps" / "sanitizer.json").read_text())
     assert driver["backends"] == ["triton"] and driver["done"] == 1
     fault = driver["chunked_fault"]
     assert fault["status"] == "ok", fault
     assert set(fault["backends"]) >= {"chunked", "one-pass"}
+    # each variant announced in the log before it runs: racecheck's hazards print under the variant they belong to
+    markers = [line.split()[-1] for line in out.splitlines() if line.startswith("== chunked_fault variant ")]
+    assert markers == list(fault["backends"]), out
     # the GPU run's parse of the same driver file
     steps = tmp_path / "gpu"
     steps.mkdir()
@@ -287,7 +329,14 @@ def test_racecheck_runs_triton_only_and_the_chunked_fault_first(tmp_path):
     data = {}
     status, reason = gc.parse_sanitizer(steps, [run], data)
     assert status == "ok" and "racecheck: 0 errors" in reason and "chunked_fault ok" in reason, reason
-    assert data["racecheck"]["chunked_fault"] == "ok"
+    assert data["racecheck"]["chunked_fault"] == "ok" and "wrong:" not in reason
+    assert set(data["racecheck"]["chunked_fault_variants"].values()) == {"ok"}
+    # a variant that goes wrong under the sanitizer is named in the step's line
+    (steps / "sanitize_racecheck.json").write_text(json.dumps(dict(driver, status="ok",
+                                                                   chunked_fault=_fault_entry("chunked"))))
+    status, reason = gc.parse_sanitizer(steps, [run], data)
+    assert "chunked_fault failed (wrong: chunked)" in reason, reason
+    assert data["racecheck"]["chunked_fault_variants"]["chunked"] == "wrong"
 
 
 @pytest.mark.parametrize("text,rc,status,counts", [
