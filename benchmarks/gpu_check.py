@@ -301,7 +301,10 @@ def cmd_env(args):
     for tool, env in (("ncu", "NCU"), ("compute-sanitizer", "SANITIZER")):
         path = os.environ.get(env) or shutil.which(tool)
         info[tool] = {"path": path, "version": (run([path, "--version"]) or "").splitlines()[-1:] if path else None}
-    info["git_commit"] = run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+    # GPU_CHECK_COMMIT: the commit the caller sent (the device machine gets the working tree as files, over a
+    # checkout of its own whose `git describe` names another commit)
+    info["git_commit"] = os.environ.get("GPU_CHECK_COMMIT") or run(["git", "-C", str(ROOT), "describe", "--always",
+                                                                    "--dirty"])
     try:
         torch = _torch()
         info["torch"] = torch.__version__
@@ -1609,6 +1612,25 @@ def _f(x, spec=".3g", none="-"):
     return format(x, spec)
 
 
+def bench_cell_text(r: Optional[dict]) -> str:
+    """A bench row as a summary table cell: the median (and its share of the copy bandwidth), the one call over the
+    cap, OOM, the predicted cost a recipe cell was skipped for, or the status (a recipe call that failed after its
+    probe says failed, not its prediction)."""
+    if r is None:
+        return "-"
+    reason = r.get("reason", "")
+    if r["status"] == "ok":
+        frac = r.get("copy_fraction")
+        return f"{r['median_ms']:.3g}" + (f" ({100 * frac:.0f}%)" if frac else "")
+    if r.get("single_call_ms") is not None:  # over the cap: the one call after the warm-up
+        return f"{r['single_call_ms']:.0f} once"
+    if reason.startswith("OOM"):
+        return "OOM"
+    if r["status"] == "skipped" and reason.startswith("predicted"):
+        return f"skip ~{r['predicted_mem_gib']:.0f}GiB" if "GiB" in reason else f"skip ~{r['predicted_s']:.0f}s"
+    return r["status"]
+
+
 def summary_text(summary: dict) -> str:
     steps, env = summary["steps"], summary["steps"].get("env", {})
     lines = [f"gpu_check {'(DRY RUN, CPU) ' if summary['dry_run'] else ''}{summary['finished']}  "
@@ -1669,22 +1691,9 @@ def summary_text(summary: dict) -> str:
         lines += ["", f"bench on {bench.get('device')}: B={bench.get('B')} D={bench.get('D')}, median ms fwd / "
                       f"fwd+bwd (% of copy bandwidth {_f(bench.get('copy_gbps'), '.0f')} GB/s at the byte floor)"]
 
-        def cell(r):
-            if r is None:
-                return "-"
-            if r["status"] == "ok":
-                frac = r.get("copy_fraction")
-                return f"{r['median_ms']:.3g}" + (f" ({100 * frac:.0f}%)" if frac else "")
-            if r.get("single_call_ms") is not None:  # over the cap: the one call after the warm-up
-                return f"{r['single_call_ms']:.0f} once"
-            if r.get("predicted_s") is not None and "GiB" not in r.get("reason", ""):
-                return f"skip ~{r['predicted_s']:.0f}s"
-            if r.get("predicted_mem_gib") is not None and "GiB" in r.get("reason", ""):
-                return f"skip ~{r['predicted_mem_gib']:.0f}GiB"
-            return r["status"] if "OOM" not in r.get("reason", "") else "OOM"
-
-        def find(**kw):
-            return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
+        def cell(**kw):  # the row that matches kw, as a cell of a w-wide column
+            row = next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
+            return bench_cell_text(row)[:w - 1]
 
         kernels = list(bench.get("backends") or KERNEL_BACKENDS_GPU)
         sizes = sorted({(r["M"], r["dtype"]) for r in rows}, key=lambda k: (k[0], k[1] != "float32"))
@@ -1696,8 +1705,7 @@ def summary_text(summary: dict) -> str:
                          "".join(f"{p.replace('triton-', 't-'):<{w}}" for p in gram_providers))
             for m, dt in sizes:
                 lines.append(f"{'':<9}{m:>3} {dt:<9}" + "".join(
-                    f"{cell(find(target='gram_svd', provider=p, M=m, dtype=dt, mode=mode))[:w - 1]:<{w}}"
-                    for p in gram_providers))
+                    f"{cell(target='gram_svd', provider=p, M=m, dtype=dt, mode=mode):<{w}}" for p in gram_providers))
         # reg1 (with the contrastive term): both its backends in each matmul precision, the recipe
         loss = [(0.0, p, None) for p in kernels + ["recipe"]] + \
             [(1.0, p, prec) for p in CONTRASTIVE_BACKENDS for prec in CONTRASTIVE_PRECISIONS] + [(1.0, "recipe", None)]
@@ -1709,7 +1717,7 @@ def summary_text(summary: dict) -> str:
         lines.append(f"{'loss f+b':<9}{'M':>3} {'dtype':<9}" + "".join(f"{label(*c):<{w}}" for c in loss))
         for m, dt in sizes:
             lines.append(f"{'':<9}{m:>3} {dt:<9}" + "".join(
-                f"{cell(find(target='loss', provider=p, M=m, dtype=dt, reg_weight=reg, precision=prec))[:w - 1]:<{w}}"
+                f"{cell(target='loss', provider=p, M=m, dtype=dt, reg_weight=reg, precision=prec):<{w}}"
                 for reg, p, prec in loss))
     ncu = steps.get("ncu", {})
     if ncu.get("rows"):

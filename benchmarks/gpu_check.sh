@@ -13,8 +13,8 @@
 # The logic is in benchmarks/gpu_check.py; this file only sets up the environment, budgets the time and runs
 # the tools (pip, compute-sanitizer, ncu, pytest). GPU_CHECK_TOTAL_S overrides the overall budget,
 # GPU_CHECK_SANITIZER_S the sanitizer's cap and GPU_CHECK_SANITIZER_TOOLS its tools ("memcheck racecheck"),
-# GPU_CHECK_TRITON_TESTS the pytest -k selection of tests/test_triton.py; PMRL_SKIP_EXTENSION=1 makes it a
-# Triton-only run (no build).
+# GPU_CHECK_TRITON_TESTS the pytest -k selection of tests/test_triton.py, GPU_CHECK_COMMIT the commit recorded (the
+# device machine's own checkout names another); PMRL_SKIP_EXTENSION=1 makes it a Triton-only run (no build).
 set -uo pipefail  # no -e: a failing step is recorded and the run goes on
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1

@@ -424,7 +424,8 @@ def test_failures_print_their_traceback_at_once_inside_gpu_check(tmp_path):
 @pytest.mark.skipif(os.environ.get("PMRL_GPU_CHECK") == "1", reason="inside gpu_check.sh's own GPU run")
 def test_dry_run_records_every_step(tmp_path, static_report):
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_CHECK_STATIC_REPORT=static_report["path"])
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_CHECK_STATIC_REPORT=static_report["path"],
+               GPU_CHECK_COMMIT="0123abc")
     env.pop("GPU_CHECK_TOTAL_S", None)
     result = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
@@ -443,6 +444,7 @@ def test_dry_run_records_every_step(tmp_path, static_report):
         assert steps[name]["status"] == "skipped" and "no GPU" in steps[name]["reason"], steps[name]
     for name in ("env", "static", "bandwidth", "correctness", "bench"):
         assert steps[name]["status"] == "ok", (name, steps[name])
+    assert steps["env"]["git_commit"] == "0123abc"  # the commit the caller sent, not the checkout's
     # the compilers' report: nothing spills for M <= 8, MMA in the contrastive kernels under TF32 and bf16
     static = steps["static"]
     assert static["cuda_spill_bytes_m_le_8"] == 0 and static["triton_spill_bytes_m_le_8"] == 0, static
@@ -468,6 +470,24 @@ def test_dry_run_records_every_step(tmp_path, static_report):
     assert all(r["device"] and r["dtype"] and r["M"] and r["B"] and r["D"] for r in bench)
     assert json.loads((out / "bench.json").read_text())["direct"] == bench
     assert (out / "summary.txt").read_text().startswith("gpu_check")
+
+
+def test_bench_cells_say_why_a_cell_has_no_time():
+    """A recipe call that failed after its probe says failed (not the prediction the probe made), an OOM says OOM
+    (not the GiB its message names), a cell skipped for its predicted time or memory says that prediction."""
+    probe = dict(probe_B=256, probe_ms=781.0, predicted_s=200.0, predicted_mem_gib=131.0)
+    assert gc.bench_cell_text(dict(status="ok", median_ms=0.40625, copy_fraction=0.31)) == "0.406 (31%)"
+    assert gc.bench_cell_text(dict(status="skipped", reason="one call took 2.02 s (cap 2 s)",
+                                   single_call_ms=2020.0)) == "2020 once"
+    assert gc.bench_cell_text(dict(probe, status="failed", reason="RuntimeError: cusolver")) == "failed"
+    assert gc.bench_cell_text(dict(probe, status="skipped",
+                                   reason="OOM: Tried to allocate 12.00 GiB")) == "OOM"
+    assert gc.bench_cell_text(dict(probe, status="skipped",
+                                   reason="predicted 131 GiB from B=256 (free 134 GiB)")) == "skip ~131GiB"
+    assert gc.bench_cell_text(dict(probe, status="skipped",
+                                   reason="predicted 200.0 s a call from B=256 (781.0 ms; cap 2 s)")) == "skip ~200s"
+    assert gc.bench_cell_text(dict(status="skipped", reason="step budget reached")) == "skipped"
+    assert gc.bench_cell_text(None) == "-"
 
 
 def test_summary_of_a_gpu_run_renders_in_60_lines(tmp_path, capsys):
