@@ -798,7 +798,8 @@ def _verdicts_or_error(fn) -> dict:
 
 
 def variant_outcomes(res: dict) -> dict:
-    """{variant: "ok", "wrong" or its error} of a chunked_fault_case or variants_case result."""
+    """{backend or variant: "ok", "wrong" or its error} of a result that compared several (chunked_fault_case,
+    variants_case, stream_case)."""
     return {name: v["error"] if "error" in v else "ok" if all(c["ok"] for c in v.values()) else "wrong"
             for name, v in res.get("backends", {}).items()}
 
@@ -809,8 +810,8 @@ def failing_variants(outcomes: dict) -> list:
 
 def _with_status(res: dict) -> dict:
     """res with status "ok" when it compared some backend and every one's verdicts passed, else "failed"."""
-    ok = all("error" not in v and all(c["ok"] for c in v.values()) for v in res["backends"].values())
-    res["status"] = "ok" if ok and res["backends"] else "failed"
+    outcomes = variant_outcomes(res)
+    res["status"] = "ok" if outcomes and not failing_variants(outcomes) else "failed"
     return res
 
 
@@ -1473,7 +1474,7 @@ def parse_sanitizer(steps: Path, runs: list[dict], data: dict) -> tuple[str, str
             res.update(parse_sanitizer_log(run["log"]))
         if "chunked_fault" in driver:
             res["chunked_fault"] = driver["chunked_fault"].get("status") or driver["chunked_fault"].get("error")
-            res["chunked_fault_variants"] = variant_outcomes(driver["chunked_fault"])
+            res["chunked_fault_wrong"] = failing_variants(variant_outcomes(driver["chunked_fault"]))
         if driver.get("status") in (None, "running"):  # it died (or never started): say of what
             res["driver_error"] = _last_error(run["log"])
         data[tool] = res
@@ -1489,8 +1490,7 @@ def parse_sanitizer(steps: Path, runs: list[dict], data: dict) -> tuple[str, str
             (f"{res['race_warnings']} race warnings, " if res.get("race_warnings") else "") + \
             f"{res['combos_done']}/{res['combos_planned']} combos" + (" (timed out)" if res["timed_out"] else "") + \
             (f", chunked_fault {res['chunked_fault']}" if "chunked_fault" in res else "") + \
-            (f" (wrong: {', '.join(failing_variants(res['chunked_fault_variants']))})"
-             if failing_variants(res.get("chunked_fault_variants", {})) else "") + \
+            (f" (wrong: {', '.join(res['chunked_fault_wrong'])})" if res.get("chunked_fault_wrong") else "") + \
             (f" rc {run['rc']}" if run["rc"] and not res["timed_out"] else "") + \
             (f" ({res['driver_error'][:100]})" if res.get("driver_error") else "")
         parts.append(label)
