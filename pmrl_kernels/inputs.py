@@ -44,8 +44,9 @@ def modality_list(embeddings: Embeddings, name: str = "embeddings") -> list[torc
         _check_dtype(embeddings, name)
         if embeddings.dim() != 3:
             raise ValueError(
-                f"{name} must be a 3-D tensor [B, M, D] (instance, modality, feature) or a sequence of M "
-                f"tensors [B, D]; got a {embeddings.dim()}-D tensor of shape {tuple(embeddings.shape)}"
+                f"{name} must be a 3-D tensor [B, M, D] (instance, modality, feature), a sequence of M tensors "
+                f"[B, D] or M >= 2 positional tensors [B, D]; got a {embeddings.dim()}-D tensor of shape "
+                f"{tuple(embeddings.shape)}"
             )
         zs = list(embeddings.unbind(1))
         batch, modalities, features = embeddings.shape
@@ -56,7 +57,10 @@ def modality_list(embeddings: Embeddings, name: str = "embeddings") -> list[torc
                 raise TypeError(f"{name}[{m}] must be a torch.Tensor [B, D], got {type(z).__name__}")
             _check_dtype(z, f"{name}[{m}]")
             if z.dim() != 2:
-                raise ValueError(f"{name}[{m}] must be a 2-D tensor [B, D], got shape {tuple(z.shape)}")
+                raise ValueError(
+                    f"{name}[{m}] must be a 2-D tensor [B, D], got shape {tuple(z.shape)}; the embeddings are "
+                    f"{EMBEDDING_FORMS}"
+                )
         if zs:
             first = zs[0]
             for m, z in enumerate(zs[1:], start=1):
@@ -79,7 +83,8 @@ def modality_list(embeddings: Embeddings, name: str = "embeddings") -> list[torc
         batch, features = (zs[0].shape if zs else (0, 0))
     else:
         raise TypeError(
-            f"{name} must be a tensor [B, M, D] or a sequence of M tensors [B, D], got {type(embeddings).__name__}"
+            f"{name} must be a tensor [B, M, D], a sequence of M tensors [B, D] or M >= 2 positional tensors "
+            f"[B, D], got {type(embeddings).__name__}"
         )
     if modalities < 2:
         raise ValueError(f"{name} needs M >= 2 modalities per instance, got M = {modalities}")
@@ -88,6 +93,59 @@ def modality_list(embeddings: Embeddings, name: str = "embeddings") -> list[torc
     if features == 0:
         raise ValueError(f"{name} needs a feature dimension D >= 1, got D = 0")
     return zs
+
+
+EMBEDDING_FORMS = (
+    "one tensor [B, M, D], one sequence of M tensors [B, D], or M >= 2 tensors [B, D] as positional arguments "
+    "(every option is keyword-only)"
+)
+
+
+def positional_embeddings(args: tuple, caller: str) -> Embeddings:
+    """The embeddings of a call that takes them positionally: the one argument as it is, or M tensors [B, D] as a
+    list; TypeError naming the accepted forms otherwise."""
+    if len(args) == 1:
+        return args[0]
+    if not args:
+        raise TypeError(f"{caller} needs the embeddings: {EMBEDDING_FORMS}")
+    for i, arg in enumerate(args):
+        if not isinstance(arg, torch.Tensor):
+            raise TypeError(
+                f"{caller} takes the embeddings as {EMBEDDING_FORMS}; positional argument {i} is a "
+                f"{type(arg).__name__}: pass options by keyword (e.g. output_dict=True)"
+            )
+    return list(args)
+
+
+def modality_mask(present, zs: list[torch.Tensor]):
+    """present: None (every modality present) or a bool tensor [B, M] on the embeddings' device, as it is."""
+    if present is None:
+        return None
+    shape = (zs[0].shape[0], len(zs))
+    if not isinstance(present, torch.Tensor) or present.dtype != torch.bool:
+        what = f"dtype {present.dtype}" if isinstance(present, torch.Tensor) else type(present).__name__
+        raise TypeError(f"present must be None or a bool tensor [B, M] = {list(shape)}, got {what}")
+    if present.shape != shape:
+        raise ValueError(f"present must have shape [B, M] = {list(shape)}, got {list(present.shape)}")
+    if present.device != zs[0].device:
+        raise ValueError(f"present must be on the embeddings' device {zs[0].device}, got {present.device}")
+    return present
+
+
+def instance_labels(labels, zs: list[torch.Tensor]):
+    """labels: None or an integer tensor [B] on the embeddings' device, returned as int64."""
+    if labels is None:
+        return None
+    batch = zs[0].shape[0]
+    if (not isinstance(labels, torch.Tensor) or labels.dtype == torch.bool or labels.is_floating_point()
+            or labels.is_complex()):
+        what = f"dtype {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be None or an integer tensor [B] = [{batch}], got {what}")
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape [B] = [{batch}], got {list(labels.shape)}")
+    if labels.device != zs[0].device:
+        raise ValueError(f"labels must be on the embeddings' device {zs[0].device}, got {labels.device}")
+    return labels.to(torch.int64)
 
 
 def _real(value, name: str) -> float:
@@ -123,11 +181,29 @@ def temperature(value, name: str) -> Temperature:
     return value
 
 
+def _float32_bound(bound: float) -> float:
+    """The smallest float64 that rounds to float32(bound) or above (round to nearest, ties to even): x >= it
+    exactly when float32(x) >= float32(bound), a float32 comparison made of float64 ones (a symbolic float under
+    torch.compile compares, but does not convert to numpy)."""
+    target = numpy.float32(bound)
+    below = numpy.nextafter(target, numpy.float32(0))
+    midpoint = (float(target) + float(below)) / 2  # exact in float64
+    return midpoint if numpy.float32(midpoint) == target else math.nextafter(midpoint, math.inf)
+
+
+_MIN_TEMPERATURE_FLOAT64 = _float32_bound(MIN_TEMPERATURE)
+
+
 def temperature_value(value, name: str) -> float:
-    """The value of a temperature (a number or a checked 0-d tensor, whose value this reads), checked."""
+    """The value of a temperature (a number or a checked 0-d tensor, whose value this reads), checked: finite and
+    >= MIN_TEMPERATURE compared in float32, so that a value which rounds to float32(1e-4) or above is accepted
+    (torch.tensor(1e-4) as well as the number 1e-4)."""
     value = positive_finite(float(value.detach()) if isinstance(value, torch.Tensor) else value, name)
-    if value < MIN_TEMPERATURE:
-        raise ValueError(f"{name} must be >= {MIN_TEMPERATURE} (logits / {name} would leave the float32 range), got {value}")
+    if value < _MIN_TEMPERATURE_FLOAT64:
+        raise ValueError(
+            f"{name} must be >= {MIN_TEMPERATURE} when rounded to float32 (logits / {name} would leave the float32 "
+            f"range), got {value}"
+        )
     return value
 
 

@@ -107,15 +107,17 @@ def gram_eig_backward(
     tiny = torch.finfo(cd).tiny
     c = instance_scale(zn)  # [B, 1, 1]
     zn = zn * c
-    factor = c[:, 0] if normalize else c[:, 0] * r[:, 0]  # S_c = factor S, [B, 1]
-    s = s.to(cd) * factor
+    # S_c = c S, or c r S without normalisation; c and r are each at most 2^126 in float32, so their product is
+    # never formed (it overflows): each multiplies or divides in turn
+    undo = torch.ones_like(r[:, 0]) if normalize else r[:, 0]  # [B, 1]
+    s = s.to(cd) * undo * c[:, 0]
     lam = s * s
     s1, lam1 = s[:, :1], lam[:, :1]
     inv_s1 = safe_inverse(s1, tiny)  # [B, 1]
     coef = torch.zeros_like(u)  # C [B, M, M]
     dzn = torch.zeros_like(zn)
     if grad_s is not None:
-        w = grad_s.to(cd) / factor * safe_inverse(s, (SIGMA_EPS * s1) ** 2 + tiny)
+        w = grad_s.to(cd) * safe_inverse(s, (SIGMA_EPS * s1) ** 2 + tiny) / c[:, 0] / undo
         coef = coef + (u * w[:, None, :]) @ u.transpose(-1, -2)
     if grad_lead is not None:
         gbar = grad_lead.to(cd)

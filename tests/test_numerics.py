@@ -7,11 +7,12 @@ Tolerances are those of the dtype the maths runs in (float32 for float32/16-bit 
 relative to each quantity's natural scale: a few eps where the answer is a closed form, 1e-5 (float32) / 1e-12
 (float64) for losses and gradients of well-conditioned random instances, 2e-5 relative for the alignment term
 near its optimum (float32 resolves sigma_k - sigma_1 to ~eps sigma_1, i.e. the term to ~eps sigma_1 / tau ~ 3e-6
-relative; the old logsumexp form was off by ~3e-6 absolute, 0 or 1e-3..30 relative there).
+relative; the logsumexp form would be off by ~3e-6 absolute, 0 or 1e-3..30 relative there).
 
-The last four tests (test_top_eigenvalue_above_the_float_range, test_rows_shorter_than_norm_eps_at_any_scale,
-test_gradient_of_an_instance_of_tiny_rows, test_gradient_scale_invariance_near_the_optimum) pin down defects
-found while writing these tests.
+Rows at the ends of the float range (test_top_eigenvalue_above_the_float_range onwards) check the scale rules of
+docs/maths.md, "Scale": huge and tiny rows, subnormal rows beside zero rows or Triton's padding rows, and the row
+and instance scales that each reach the limit of the float range. Where pmrl_loss is run, every backend it takes
+on the CPU is tested (blocked too), as tests/test_conformance.py enumerates them.
 """
 import functools
 import importlib
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from conftest import assert_close, correlated, random_embeddings
+from test_conformance import backend_params, skip_if_the_loss_is_refused
 from pmrl_kernels import PMRLLoss, backends, gram_svd, pmrl_loss, terms
 from pmrl_kernels.constants import MIN_TEMPERATURE, NORM_EPS, SIGN_TOL
 from pmrl_kernels.inputs import compute_dtype
@@ -230,9 +232,11 @@ def test_alignment_keeps_relative_precision_near_the_optimum(name, m):
 
 @pytest.mark.parametrize("arg", ["tau", "tau_reg"])
 def test_temperature_below_the_minimum_is_refused(arg):
-    """A ValueError naming the argument, at the call and at PMRLLoss construction."""
+    """A ValueError naming the argument, at the call and at PMRLLoss construction; the bound is a float32
+    comparison, so the float32 just below MIN_TEMPERATURE is the largest value refused among these."""
     z = torch.randn(3, 2, 4)
-    for value in (1e-300, MIN_TEMPERATURE * (1 - 1e-9), 0.0, -1.0):
+    below = float(numpy.nextafter(numpy.float32(MIN_TEMPERATURE), numpy.float32(0)))
+    for value in (1e-300, below, 0.0, -1.0):
         with pytest.raises(ValueError, match=rf"\b{arg}\b"):
             pmrl_loss(z, **{arg: value})
         with pytest.raises(ValueError, match=rf"\b{arg}\b"):
@@ -518,3 +522,94 @@ def test_loss_as_accurate_as_torch_in_float32(name):
             # plus float32's rounding of one logit (|logit| <= 1 / tau_reg): the floor of any float32 CE
             allowed = 2 * (torch32[part].double() - exact[part]).abs().item() + torch.finfo(torch.float32).eps / 0.1
             assert err <= allowed, (part, seed, err, allowed)
+
+
+# ------------------------------------------------------------------------------------------------- subnormal rows
+
+# Every backend pmrl_loss takes on the CPU, blocked included (its gram_eig is the compiled one).
+LOSS_BACKENDS = [p for p in backend_params() if p.values[1] == "cpu"]
+every_loss_backend = pytest.mark.parametrize("name, device", LOSS_BACKENDS)
+
+
+def subnormal_beside_zero(b, m, d, dtype, scale, seed):
+    """[b, m, d]: instance 0 ordinary, the others of rows times `scale` (subnormal in dtype) with row 0 zero."""
+    z = torch.randn(b, m, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    z[1:] *= scale
+    z[1:, 0] = 0
+    return z.to(dtype)
+
+
+@pytest.mark.parametrize("m", [2, 3, 5])
+@every_loss_backend
+def test_subnormal_rows_beside_a_zero_row(name, device, m):
+    """normalize=True, float32 rows of ~1e-40 beside a zero row: the instance scale that brings Zn = Z / NORM_EPS
+    near 1 is >= 2^89, and times 1 / NORM_EPS it overflows for the zero row (0 * inf = NaN unless the row's scale
+    is capped). The loss matches the float64 reference on the same numbers; with reg_weight = 0 (lead's gradient
+    ~1 / ||z|| is beyond float32 there) so does dL/dz, and the zero rows' gradient is exactly 0."""
+    z = subnormal_beside_zero(3, m, 8, F32, 1e-40, seed=m)
+    skip_if_the_loss_is_refused(name, z)
+    parts, _ = loss_and_grad(z, name)
+    exact_parts, _ = reference64(z)
+    for part in ("loss", "align", "reg"):
+        assert_close(parts[part], exact_parts[part], 1e-5, 1e-5, part)
+    _, grad = loss_and_grad(z, name, reg_weight=0.0)
+    _, exact = reference64(z, reg_weight=0.0)
+    assert torch.isfinite(grad).all(), grad
+    assert (grad[1:, 0] == 0).all(), grad[1:, 0]
+    scale = exact.abs().amax(dim=(1, 2), keepdim=True)
+    assert_close(grad / scale, exact / scale, 1e-4, 0, "dL/dz / its largest entry per instance")
+
+
+@pytest.mark.parametrize("m", [2, 3, 6])
+@pytest.mark.parametrize("normalize", [True, False])
+@every_backend
+def test_subnormal_float64_rows_beside_a_zero_row(name, normalize, m):
+    """float64 rows of ~1e-310 (subnormal) beside a zero row, the same overflow in float64. S and lead match
+    torch.linalg.svdvals / the reference of the same rows scaled exactly by 2^1000 (S scales by 2^-1000, and by
+    1 / NORM_EPS with normalisation, where every nonzero row is below NORM_EPS)."""
+    z = torch.randn(2, m, 8, generator=torch.Generator().manual_seed(m), dtype=F64) * 1e-310
+    z[:, 0] = 0
+    skip_if_refused(name, z)
+    s, _, lead = gram_svd(z, normalize=normalize, backend=name)
+    big = torch.ldexp(z, torch.tensor(1000))
+    s_big = torch.linalg.svdvals(big)
+    s_big = torch.cat([s_big, torch.zeros(2, m - s_big.shape[1], dtype=F64)], 1)
+    expected = torch.ldexp(s_big, torch.tensor(-1000)) / (NORM_EPS if normalize else 1.0)
+    assert_close(s / expected[:, :1], expected / expected[:, :1], 1e-12, 0, "S / S_1")
+    _, _, lead_big = gram_svd(big, normalize=False, backend="reference")
+    assert_close(lead, lead_big, 1e-12, 0, "lead")
+
+
+@pytest.mark.parametrize("m", [3, 5, 6, 7])
+@every_backend
+def test_all_subnormal_rows_when_m_is_not_a_power_of_two(name, m):
+    """float32 instances whose every row is ~1e-42: Triton pads M to a power of two with zero rows, which meet
+    the zero row's overflow. S, lead and dL/dz (reg_weight = 0) match the float64 reference."""
+    z = (torch.randn(2, m, 8, generator=torch.Generator().manual_seed(m), dtype=F64) * 1e-42).to(F32)
+    skip_if_refused(name, z)
+    s, _, lead = gram_svd(z, backend=name)
+    s64, _, lead64 = gram_svd(z.double(), backend="reference")
+    assert_close(s / s64[:, :1], s64 / s64[:, :1], 1e-5, 0, "S / S_1")
+    assert_close(lead, lead64, 1e-4, 0, "lead")
+    _, grad = loss_and_grad(z, name, reg_weight=0.0)
+    _, exact = reference64(z, reg_weight=0.0)
+    scale = exact.abs().amax(dim=(1, 2), keepdim=True)
+    assert torch.isfinite(grad).all(), grad
+    assert_close(grad / scale, exact / scale, 1e-4, 0, "dL/dz / its largest entry per instance")
+
+
+@pytest.mark.parametrize("scale", [1e-39, 1e-41])
+@every_loss_backend
+def test_gradient_without_normalisation_of_subnormal_rows(name, device, scale):
+    """normalize=False, float32 rows of ~1e-39 and 1e-41: the common row scale r and the instance scale c are
+    each up to 2^126, so their product overflows float32 (a NaN gradient where the true one is ~2) unless each
+    applies in turn. Loss and dL/dz match the float64 reference on the same numbers. (S, a float32 output, is
+    itself subnormal here and carries ~14 bits at 1e-41; the backward starts from it.)"""
+    z = (torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3), dtype=F64) * scale).to(F32)
+    skip_if_the_loss_is_refused(name, z)
+    parts, grad = loss_and_grad(z, name, normalize=False, reg_weight=0.0)
+    exact_parts, exact = reference64(z, normalize=False, reg_weight=0.0)
+    assert torch.isfinite(grad).all(), grad
+    assert_close(parts["loss"], exact_parts["loss"], 1e-4, 1e-4, "loss")
+    top = exact.abs().amax(dim=(1, 2), keepdim=True)
+    assert_close(grad / top, exact / top, 1e-3, 0, "dL/dz / its largest entry per instance")

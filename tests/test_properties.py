@@ -1,11 +1,14 @@
-"""Property-based checks (hypothesis, derandomised: the same examples on every run) of every CPU backend of the
-gram_eig op against the float64 reference (issue 11, numerical robustness).
+"""Property-based checks (hypothesis, derandomised: the same examples on every run) of every CPU backend
+(reference, cpp, blocked, and triton under its interpreter) against the float64 reference (issue 11, numerical
+robustness).
 
-Each example draws a batch: shape (B 1..9, M 2..6, D 1..40 and often D <= M; test_many_modalities takes M up to
-16), a dtype the backend takes (float32, float64, bfloat16, float16), normalize, scales (without normalisation
-one per instance, 10^k for k in -30..30; with normalisation any finite scale per row, down to subnormal and zero
-rows), a pattern per instance (random, rows sharing a direction, a zero row, a duplicated row, rank 1) and a
-layout (a [B, M, D] tensor, a list of M tensors, transposed [D, M, B] storage, a strided slice of a bigger
+Each example draws a batch: shape (B 1..9, M 2..6, so often not a power of two, D 1..40 and often D <= M;
+test_many_modalities takes M up to 16), a dtype the backend takes (float32, float64, bfloat16, float16),
+normalize, scales (without normalisation one per instance, 10^k for k in -30..30; with normalisation any finite
+scale per row, down to subnormal and zero rows), tiny instances (a zero row beside rows subnormal in the dtype,
+TINY_LOG_SCALE), a pattern per instance (random, rows sharing a direction, a zero row, a duplicated row, rank 1),
+the temperatures as numbers or as 0-d float32, bfloat16 or float16 tensors (the oracle takes the value they hold)
+and a layout (a [B, M, D] tensor, a list of M tensors, transposed [D, M, B] storage, a strided slice of a bigger
 tensor, an expanded stride-0 view). The oracle is the reference backend in float64 on the same numbers (16-bit
 inputs after their rounding, so the tolerances stay those of float32 computation), with torch.linalg.svdvals of
 the stacked float64 matrix as a second oracle for S_1.
@@ -43,7 +46,8 @@ from pmrl_kernels.inputs import compute_dtype
 
 # ----------------------------------------------------------------------------------------------- backends
 
-CPU_BACKENDS = list(backends.implementations("gram_eig", "cpu"))
+# every backend pmrl_loss takes on the CPU (blocked too, whose gram_eig is the compiled one's)
+CPU_BACKENDS = backends.available_backends("cpu")
 
 # Triton's interpreter runs the kernels in NumPy, which warns where they form a Gram matrix that over- or
 # underflows before rescaling the rows (by design: the rescaled pass is taken only when the raw one failed).
@@ -56,8 +60,8 @@ def interpreted(name):
     """Whether backend `name` runs Triton kernels, which on CPU means Triton's interpreter: ~1 s an example at
     M <= 6 and ~10 s a forward at M = 16, so it gets fewer examples and no shrinking (hypothesis would spend
     up to 5 minutes shrinking a failure)."""
-    module = importlib.import_module(backends.REGISTRY[name].ops["gram_eig"])
-    return getattr(module, "triton", None) is not None
+    modules = [importlib.import_module(module) for module in backends.REGISTRY[name].ops.values()]
+    return any(getattr(module, "triton", None) is not None for module in modules)
 
 
 COMPILED = [n for n in CPU_BACKENDS if not interpreted(n)]
@@ -67,9 +71,15 @@ ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def accepted_dtypes(name):
-    """The dtypes backend `name` takes (Triton refuses float64: backends.unsupported_reason says so)."""
-    probe = {dtype: [torch.zeros(1, 1, dtype=dtype)] * 2 for dtype in ALL_DTYPES}
-    return tuple(d for d in ALL_DTYPES if backends.unsupported_reason("gram_eig", name, (probe[d],)) is None)
+    """The dtypes every op of backend `name` takes (Triton refuses float64: backends.unsupported_reason says so);
+    the ops it lacks resolve as under "auto", which takes every dtype."""
+
+    def takes(dtype):
+        lead = torch.zeros(1, 1, dtype=compute_dtype(dtype))
+        inputs = {"gram_eig": ([torch.zeros(1, 1, dtype=dtype)] * 2,), "contrastive": (lead, lead)}
+        return all(backends.unsupported_reason(op, name, inputs[op]) is None for op in backends.REGISTRY[name].ops)
+
+    return tuple(d for d in ALL_DTYPES if takes(d))
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -85,6 +95,17 @@ INSTANCE_LOG_SCALE = {torch.float32: (-30, 30), torch.bfloat16: (-30, 30), torch
                       torch.float16: (-2, 3)}
 ROW_LOG_SCALE = {torch.float32: (-46.0, 36.0), torch.bfloat16: (-42.0, 36.0), torch.float64: (-325.0, 306.0),
                  torch.float16: (-8.0, 3.0)}
+# A tiny instance: a zero row beside rows whose entries are subnormal in the dtype (with normalisation every
+# nonzero row is below NORM_EPS, so the instance scale is far above 1 and meets the zero row's 1 / NORM_EPS, or
+# Triton's padding rows' when M is not a power of two). Without normalisation the range stays where S (a float32
+# or float64 output, subnormal there too) keeps the bits the tolerances ask for.
+TINY_LOG_SCALE = {  # dtype: (with normalisation, without)
+    torch.float32: ((-44.5, -38.5), (-39.5, -38.5)), torch.bfloat16: ((-40.5, -38.5), (-39.5, -38.5)),
+    torch.float64: ((-322.0, -308.5), (-309.0, -308.5)), torch.float16: ((-7.5, -4.5), (-7.0, -4.5)),
+}
+# Temperatures as numbers or as 0-d tensors of these dtypes; a tensor is cast to the compute dtype, so the oracle
+# takes the value it holds.
+TEMPERATURE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -96,11 +117,14 @@ class Case:
     normalize: bool
     patterns: tuple
     log_scales: tuple  # per row (normalize) or per instance
+    tiny: tuple  # per instance: a tiny instance (TINY_LOG_SCALE), whose row zero_rows[i] is zero
+    zero_rows: tuple
     layout: str
     expand_dim: int  # the dimension the expanded layout repeats
     seed: int
-    tau: float
+    tau: float  # the value the temperature holds
     tau_reg: float
+    temperature_dtype: object  # None: the temperatures are numbers; else 0-d tensors of this dtype
     reg_weight: float
 
 
@@ -117,11 +141,23 @@ def cases(draw, dtypes, m_range=(2, 6), d_range=None):
         scale, n = st.floats(*ROW_LOG_SCALE[dtype]), b * m
     else:
         scale, n = st.integers(*INSTANCE_LOG_SCALE[dtype]).map(float), b
-    log_scales = tuple(draw(st.lists(scale, min_size=n, max_size=n)))
-    return Case(b, m, d, dtype, normalize, patterns, log_scales,
+    log_scales = list(draw(st.lists(scale, min_size=n, max_size=n)))
+    tiny = tuple(draw(st.lists(st.sampled_from((False, False, False, True)), min_size=b, max_size=b)))
+    tiny_scale = st.floats(*TINY_LOG_SCALE[dtype][0 if normalize else 1])
+    for i in (i for i in range(b) if tiny[i]):
+        for k in range(i * m, (i + 1) * m) if normalize else (i,):
+            log_scales[k] = draw(tiny_scale)
+    temperature_dtype = draw(st.sampled_from(TEMPERATURE_DTYPES))
+
+    def held(value):
+        return value if temperature_dtype is None else torch.tensor(value, dtype=temperature_dtype).item()
+
+    return Case(b, m, d, dtype, normalize, patterns, tuple(log_scales), tiny,
+                zero_rows=tuple(draw(st.lists(st.integers(0, m - 1), min_size=b, max_size=b))),
                 layout=draw(st.sampled_from(LAYOUTS)), expand_dim=draw(st.integers(0, 2)),
-                seed=draw(st.integers(0, 2**31 - 1)), tau=draw(st.sampled_from((0.05, 0.2, 1.0))),
-                tau_reg=draw(st.sampled_from((0.1, 0.5))), reg_weight=draw(st.sampled_from((1.0, 0.0))))
+                seed=draw(st.integers(0, 2**31 - 1)), tau=held(draw(st.sampled_from((0.05, 0.2, 1.0)))),
+                tau_reg=held(draw(st.sampled_from((0.1, 0.5)))), temperature_dtype=temperature_dtype,
+                reg_weight=draw(st.sampled_from((1.0, 0.0))))
 
 
 def values(case: Case) -> torch.Tensor:
@@ -139,6 +175,8 @@ def values(case: Case) -> torch.Tensor:
             z[i, k] = z[i, j]
         elif pattern == "rank1":
             z[i] = z[i, j] * torch.randn(m, 1, generator=g, dtype=torch.float64)
+        if case.tiny[i]:
+            z[i, case.zero_rows[i]] = 0
     s = 10.0 ** torch.tensor(case.log_scales, dtype=torch.float64)
     z = (z * (s.view(b, m, 1) if case.normalize else s.view(b, 1, 1))).to(case.dtype)
     if case.layout == "expanded":  # one slice repeated along expand_dim
@@ -202,8 +240,13 @@ class Reference:
         return self.svd[:, 0] == 0
 
 
-def loss_kwargs(case: Case) -> dict:
-    return dict(tau=case.tau, tau_reg=case.tau_reg, reg_weight=case.reg_weight, normalize=case.normalize,
+def loss_kwargs(case: Case, as_drawn: bool = False) -> dict:
+    """pmrl_loss's arguments: the temperatures as numbers (the oracle's), or as_drawn (tensors of the case's
+    temperature dtype)."""
+    tau, tau_reg = case.tau, case.tau_reg
+    if as_drawn and case.temperature_dtype is not None:
+        tau, tau_reg = (torch.tensor(t, dtype=case.temperature_dtype) for t in (tau, tau_reg))
+    return dict(tau=tau, tau_reg=tau_reg, reg_weight=case.reg_weight, normalize=case.normalize,
                 reduction="none", output_dict=True)
 
 
@@ -392,9 +435,10 @@ def check_grad(what, case, grad, exact, scale, rtol):
     info = torch.finfo(compute_dtype(case.dtype))
     allowed = fold(rtol * scale.expand(case.b, case.m, case.d), case) + 4 * info.tiny
     grad, exact = grad.double(), fold(exact, case)
-    # a true gradient beyond the compute dtype's range (rows far below NORM_EPS: dL/dz ~ 1/||z||) rounds to inf
+    # a true gradient beyond the compute dtype's range (rows far below NORM_EPS: dL/dz ~ 1/||z||) rounds to inf, in
+    # the float64 oracle too for float64 input: there only the sign is compared
     out_of_range = (exact.abs() > info.max) & (grad == exact.sign() * float("inf"))
-    check_within(what, case, torch.where(out_of_range, exact, grad), exact, allowed)
+    check_within(what, case, torch.where(out_of_range, 0.0, grad), torch.where(out_of_range, 0.0, exact), allowed)
 
 
 # ----------------------------------------------------------------------------------------------- the check
@@ -402,6 +446,10 @@ def check_grad(what, case, grad, exact, scale, rtol):
 
 def check_case(name, case: Case, with_loss=True):
     z = values(case)
+    if case.dtype == torch.bfloat16 and interpreted(name):
+        # Triton's interpreter converts bfloat16 subnormals to float32 wrongly (its NumPy emulation; a GPU converts
+        # them exactly): they are flushed to zero here, for the oracle too
+        z = torch.where(z.abs() < torch.finfo(torch.bfloat16).tiny, torch.zeros_like(z), z)
     z64 = z.double()
     cd = compute_dtype(case.dtype)
     with_grad = with_loss and cd == case.dtype  # gradients for float32 and float64 input
@@ -418,7 +466,7 @@ def check_case(name, case: Case, with_loss=True):
     if not with_loss:
         return
 
-    parts = pmrl_loss(x, backend=name, **loss_kwargs(case))
+    parts = pmrl_loss(x, backend=name, **loss_kwargs(case, as_drawn=True))
     assert all(v.dtype == cd and v.shape == (case.b,) for v in parts.values())
     check_align(case, parts["align"].detach(), ref)
     check_reg(case, parts["reg"].detach(), lead_allowed, ref)

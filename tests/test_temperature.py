@@ -5,12 +5,14 @@ conftest.assert_fa_close (the Triton kernels run in its interpreter without a GP
 """
 import math
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_close, assert_fa_close, correlated, fa_atol, random_embeddings
+from test_conformance import skip_if_the_loss_is_refused
 from pmrl_kernels import PMRLLoss, backends, pmrl_loss, terms
 from pmrl_kernels.constants import MIN_TEMPERATURE
 
@@ -259,3 +261,71 @@ def test_learned_tau_reg_follows_the_module_device():
 def test_bad_learned_tau_reg(kwargs, error, message):
     with pytest.raises(error, match=message):
         PMRLLoss(**{"learn_tau_reg": True, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------- temperature dtypes
+
+HALF_TEMPERATURES = [pytest.param(torch.bfloat16, id="bfloat16"), pytest.param(torch.float16, id="float16")]
+
+
+@pytest.mark.parametrize("which", ["tau", "tau_reg"])
+@pytest.mark.parametrize("tdtype", HALF_TEMPERATURES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_half_precision_temperature_is_its_value(backend, tdtype, which):
+    """A bfloat16/float16 temperature tensor is cast to the compute dtype before any arithmetic: the loss, dL/dz
+    and the temperature's gradient are those of the float64 reference at the value the tensor holds (at
+    tau_reg = bfloat16(0.13) here, rsqrt in bfloat16 would move the loss by 0.5% and d tau_reg by up to 4%), with
+    the float32 reference at that value as the accuracy rule's baseline; the gradient comes back in the tensor's
+    own dtype."""
+    z = torch.randn(64, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weights = torch.rand(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    held = torch.tensor(0.13, dtype=tdtype)
+
+    def run(backend, dtype, t_dtype):
+        zz = z.to(dtype).requires_grad_()
+        t = held.to(t_dtype).requires_grad_()
+        loss = pmrl_loss(zz, reduction="none", backend=backend, **{which: t})
+        return (loss, *torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), [zz, t]))
+
+    exact = run("reference", torch.float64, torch.float64)
+    baseline = run("reference", torch.float32, torch.float32)
+    actual = run(backend, torch.float32, tdtype)
+    assert actual[2].dtype == tdtype
+    for name, a, b, e in zip(("loss", "d z", f"d {which}"), actual, baseline, exact):
+        # the temperature's gradient is rounded to its 16-bit dtype on the way back
+        atol = fa_atol(torch.float32) + (abs(e.item()) * torch.finfo(tdtype).eps if a.dim() == 0 else 0.0)
+        assert_fa_close(a.double(), e, b.double(), name, atol)
+
+
+@pytest.mark.parametrize("which", ["tau", "tau_reg"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_float32_temperature_with_float64_input_is_its_value(backend, which):
+    """float64 input with a float32 temperature tensor: the maths runs in float64 at the float32 value exactly
+    (a float32 rsqrt would move the loss by ~7e-8)."""
+    z = correlated(16, 3, 20, seed=9, dtype=torch.float64)
+    t32 = torch.tensor(0.13, dtype=torch.float32)
+    skip_if_the_loss_is_refused(backend, z)
+    got = pmrl_loss(z, reduction="none", backend=backend, **{which: t32})
+    expected = pmrl_loss(z, reduction="none", backend="reference", **{which: t32.double()})
+    assert got.dtype == torch.float64
+    assert_close(got, expected, 1e-13, 1e-13, "loss")
+
+
+def test_the_minimum_temperature_is_a_float32_comparison():
+    """A value that rounds to float32(MIN_TEMPERATURE) or above is accepted, a number or a tensor of any dtype
+    (torch.tensor(1e-4) holds 9.99999975e-05); the float32 below it, and the float64s that round below it, are
+    refused with a message saying so. The boundary is found from numpy's float32 rounding."""
+    f32 = numpy.float32(MIN_TEMPERATURE)
+    below = numpy.nextafter(f32, numpy.float32(0))
+    midpoint = (float(f32) + float(below)) / 2
+    accepted = [MIN_TEMPERATURE, float(f32), torch.tensor(MIN_TEMPERATURE), math.nextafter(midpoint, 1.0),
+                torch.tensor(float(f32), dtype=torch.float64), torch.tensor(MIN_TEMPERATURE, dtype=torch.float16),
+                torch.tensor(MIN_TEMPERATURE, dtype=torch.bfloat16)]
+    refused = [float(below), torch.tensor(float(below)), math.nextafter(midpoint, 0.0)]
+    (accepted if numpy.float32(midpoint) == f32 else refused).append(midpoint)
+    for name in ("tau", "tau_reg"):
+        for value in accepted:
+            assert torch.isfinite(pmrl_loss(Z, **{name: value})), (name, value)
+        for value in refused:
+            with pytest.raises(ValueError, match=f"{name} must be >= {MIN_TEMPERATURE} when rounded to float32"):
+                pmrl_loss(Z, **{name: value})

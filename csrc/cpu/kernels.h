@@ -77,7 +77,7 @@ T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
 }
 
 // out[d] = rout (scale (sum_m w[m] (r[m] x[m][d]) + e * extra[d])) (extra may be null), d < n: the rows scaled
-// by r as the maths saw them (pmrl/instance.h; r = 1 on the usual path).
+// by r as the maths saw them (pmrl/instance.h; with normalize r = 1 on the usual path).
 template <class T, int M>
 void combine(const T* const (&x)[M], const T (&w)[M], const T (&r)[M], const T* __restrict extra, T e, T scale,
              T rout, int64_t n, T* __restrict out) {

@@ -288,6 +288,110 @@ void zero_row_backward() {
   check(zero, "zero row: zero gradient on the zero row");
 }
 
+// Subnormal rows beside a zero row, as a kernel hands them over: the raw Gram matrix underflows, so the rows are
+// rescaled (row_scales); every nonzero row is below NORM_EPS, so Zn = Z / NORM_EPS and the instance scale c is
+// large enough that c / NORM_EPS overflows for the zero row. S, lead and dL/dz for L = gs . S must be those of the
+// same rows scaled exactly by 2^-exp into the normal range, in double and without normalisation (where
+// S = S' 2^exp / NORM_EPS), and the zero row must keep exactly zero coefficients and gradient.
+template <class T, int M>
+void subnormal_rows_beside_a_zero_row(int dim, int exp, double tol) {
+  std::vector<T> z(M * dim, T(0));  // row 0 stays zero
+  std::vector<double> zd(M * dim, 0.0);
+  for (int j = dim; j < M * dim; ++j) {
+    z[j] = static_cast<T>(std::ldexp(normal(), exp));
+    zd[j] = std::ldexp(static_cast<double>(z[j]), -exp);
+  }
+  T diag[M] = {}, amax[M] = {}, r[M], g[M][M];
+  for (int m = 0; m < M; ++m)
+    for (int d = 0; d < dim; ++d) {
+      diag[m] += z[m * dim + d] * z[m * dim + d];
+      amax[m] = std::fmax(amax[m], std::fabs(z[m * dim + d]));
+    }
+  check(pmrl::gram_needs_rescale<T, M>(diag, true), "subnormal rows: the raw Gram matrix asks for a rescale");
+  pmrl::row_scales<T, M>(amax, true, r);
+  std::vector<T> zhat(M * dim);
+  for (int j = 0; j < M * dim; ++j) zhat[j] = r[j / dim] * z[j];
+  T sq[M], zg[M] = {};
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < M; ++n) {
+      g[m][n] = 0;
+      for (int d = 0; d < dim; ++d) g[m][n] += zhat[m * dim + d] * zhat[n * dim + d];
+    }
+  for (int m = 0; m < M; ++m) sq[m] = g[m][m];
+  pmrl::Spectrum<T, M> sp;
+  pmrl::gram_spectrum<T, M>(g, r, true, dim, sp);
+  std::vector<double> lead(dim, 0.0);
+  for (int m = 0; m < M; ++m)
+    for (int d = 0; d < dim; ++d) lead[d] += sp.lead_coef[m] * zhat[m * dim + d];
+  T gs[M];
+  for (T& x : gs) x = static_cast<T>(normal());
+  T a[M][M], e[M], out[M];
+  pmrl::backward_coefficients<T, M>(sp.s, sp.u, gs, true, sq, zg, T(0), true, r, a, e, out);
+  std::vector<double> dz(M * dim);
+  for (int m = 0; m < M; ++m)
+    for (int d = 0; d < dim; ++d) {
+      T acc = 0;
+      for (int n = 0; n < M; ++n) acc += a[m][n] * zhat[n * dim + d];
+      dz[m * dim + d] = r[m] * (out[m] * acc);
+    }
+
+  Instance<M> exact{dim, false, zd};
+  const double k = std::ldexp(1.0, exp) / pmrl::kNormEps;  // S = k S'
+  double gs_exact[M];
+  for (int m = 0; m < M; ++m) gs_exact[m] = k * gs[m];
+  std::vector<double> s_lead;
+  const std::vector<double> dz_exact = exact.backward(gs_exact, std::vector<double>(dim, 0.0), &s_lead);
+  bool finite = sp.lead_coef[0] == T(0), zero = true;
+  double s_err = 0, lead_err = 0, dz_err = 0, dz_top = 0;
+  for (int m = 0; m < M; ++m) {
+    finite = finite && std::isfinite(sp.s[m]) && std::isfinite(sp.lead_coef[m]) && std::isfinite(out[m]);
+    s_err = std::fmax(s_err, std::fabs(sp.s[m] - k * s_lead[m]) / (k * s_lead[0]));
+  }
+  for (int d = 0; d < dim; ++d) lead_err = std::fmax(lead_err, std::fabs(lead[d] - s_lead[M + d]));
+  for (int j = 0; j < M * dim; ++j) {
+    finite = finite && std::isfinite(dz[j]);
+    zero = zero && (j >= dim || dz[j] == 0.0);
+    const double expected = std::ldexp(dz_exact[j], -exp);
+    dz_err = std::fmax(dz_err, std::fabs(dz[j] - expected));
+    dz_top = std::fmax(dz_top, std::fabs(expected));
+  }
+  check(finite, "subnormal rows beside a zero row: finite S, lead and coefficients, zero row out of lead");
+  check(zero, "subnormal rows beside a zero row: exactly zero gradient on the zero row");
+  check(s_err <= tol, "subnormal rows beside a zero row: S", s_err);
+  check(lead_err <= tol, "subnormal rows beside a zero row: lead", lead_err);
+  check(dz_err <= tol * dz_top, "subnormal rows beside a zero row: dL/dz", dz_err / dz_top);
+}
+
+// Without normalisation, rows so small that the instance scale c stops at its clamp (2^1022 in double) leave
+// sigma_1c below 1 and lead's coefficients large: c times them overflows unless the pass over D scales the rows
+// first. With D = 1, lead is constant (+-1): its true gradient is 0, and here the two terms that cancel are each
+// within range, so dL/dz must be finite; and S_1 = ||z|| is homogeneous of degree 1, so the gradient of gs . S
+// equals that of the same rows scaled by 2^1030 into the normal range.
+template <int M>
+void raw_rows_below_the_scale_clamp() {
+  Instance<M> tiny{1, false, std::vector<double>(M)}, plain = tiny;
+  for (int m = 1; m < M; ++m) {  // row 0 stays zero
+    tiny.z[m] = std::ldexp(normal(), -1030);
+    plain.z[m] = std::ldexp(tiny.z[m], 1030);
+  }
+  double amax[M];
+  for (int m = 0; m < M; ++m) amax[m] = std::fabs(tiny.z[m]);
+  pmrl::row_scales<double, M>(amax, false, tiny.r.data());  // the forward's rescale, as a kernel takes it
+  double gs[M];
+  for (double& x : gs) x = normal();
+  const std::vector<double> dz = tiny.backward(gs, {0.0}), expected = plain.backward(gs, {0.0});
+  const std::vector<double> with_lead = tiny.backward(gs, {normal()});
+  double worst = 0, top = 0;
+  bool finite = true;
+  for (int m = 0; m < M; ++m) {
+    finite = finite && std::isfinite(with_lead[m]);
+    worst = std::fmax(worst, std::fabs(dz[m] - expected[m]));
+    top = std::fmax(top, std::fabs(expected[m]));
+  }
+  check(finite, "raw rows below the scale clamp: finite gradient through lead");
+  check(worst <= 1e-9 * top, "raw rows below the scale clamp: dL/dz of gs . S", worst / top);
+}
+
 // G = I (orthonormal rows): the top eigenvalue is tied, the lead terms stay finite (safe_inverse of a 0 gap).
 void tie_backward_finite() {
   constexpr int M = 4;
@@ -331,6 +435,13 @@ int main() {
     row_scales_are_invisible<6>(11, normalize);
   }
   zero_row_backward();
+  // float: rows of ~1e-42 (subnormal); double: ~1e-313
+  subnormal_rows_beside_a_zero_row<float, 3>(8, -140, 1e-4);
+  subnormal_rows_beside_a_zero_row<float, 5>(3, -135, 1e-4);
+  subnormal_rows_beside_a_zero_row<double, 3>(8, -1040, 1e-9);
+  subnormal_rows_beside_a_zero_row<double, 4>(2, -1030, 1e-9);
+  raw_rows_below_the_scale_clamp<2>();
+  raw_rows_below_the_scale_clamp<4>();
   tie_backward_finite();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);

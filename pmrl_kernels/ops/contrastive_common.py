@@ -1,23 +1,25 @@
 """What the contrastive op's backends share (pmrl_kernels/ops/triton_contrastive.py, blocked_contrastive.py): the
 precision torch would use for the logits matmul, and the autograd layer over a backend's three registered ops.
 
-Each backend registers a forward op (rows, cols, tau_reg, offset, precision) -> (loss, *saved), where saved are
-private tensors its backward needs (never the returned loss itself, so that editing the loss in place stays
-allowed), a backward op (rows, cols, *saved, grad_loss, tau_reg, offset, precision) -> (d rows, d cols), and a
-symmetric backward op (lead, *saved, grad_loss, tau_reg, precision) -> d lead for rows that are the columns
-(offset 0): d rows + d cols in one buffer, no separate add. `differentiable` turns the three into the op's
-`contrastive(rows, cols, tau_reg, offset)`. Imports no triton.
+Each backend registers a forward op (rows, cols, tau_reg, offset, precision, *masks) -> (loss, *saved), where saved
+are private tensors its backward needs (never the returned loss itself, so that editing the loss in place stays
+allowed), a backward op (rows, cols, *saved, grad_loss, tau_reg, offset, precision, *masks) -> (d rows, d cols),
+and a symmetric backward op (lead, *saved, grad_loss, tau_reg, precision, *masks) -> d lead for rows that are the
+columns (offset 0): d rows + d cols in one buffer, no separate add. masks are row_labels, col_labels, col_valid
+(pmrl_kernels.terms.contrastive; each None or a tensor, never read on the host). `differentiable` turns the three
+into the op's `contrastive(rows, cols, tau_reg, offset, *, row_labels, col_labels, col_valid)`. Imports no triton.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ..inputs import Temperature, compute_dtype
-from ..terms import check_offset
+from ..terms import check_contrastive_masks, check_offset
 
 PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
+N_MASKS = 3  # row_labels, col_labels, col_valid: the ops' last arguments, forward and backward
 
 
 @torch.compiler.assume_constant_result
@@ -63,33 +65,43 @@ def differentiable(fwd: Callable, bwd: Callable, sym_bwd: Callable, float32_only
 
     class Contrastive(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, rows, cols, tau_reg: float, offset: int, precision: str):
-            loss, *saved = fwd(rows, cols, tau_reg, offset, precision)
-            ctx.save_for_backward(rows, cols, *saved)
+        def forward(ctx, rows, cols, tau_reg: float, offset: int, precision: str, *masks):
+            loss, *saved = fwd(rows, cols, tau_reg, offset, precision, *masks)
+            ctx.save_for_backward(*masks, rows, cols, *saved)
             ctx.args = tau_reg, offset, precision
             return loss
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_loss):
-            d_rows, d_cols = bwd(*ctx.saved_tensors, grad_loss, *ctx.args)
-            return d_rows, d_cols, None, None, None
+            masks, saved = ctx.saved_tensors[:N_MASKS], ctx.saved_tensors[N_MASKS:]
+            d_rows, d_cols = bwd(*saved, grad_loss, *ctx.args, *masks)
+            return d_rows, d_cols, None, None, None, *(None,) * N_MASKS
 
     class SymmetricContrastive(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, lead, tau_reg: float, precision: str):
-            loss, *saved = fwd(lead, lead, tau_reg, 0, precision)
-            ctx.save_for_backward(lead, *saved)
+        def forward(ctx, lead, tau_reg: float, precision: str, *masks):
+            loss, *saved = fwd(lead, lead, tau_reg, 0, precision, *masks)
+            ctx.save_for_backward(*masks, lead, *saved)
             ctx.args = tau_reg, precision
             return loss
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_loss):
-            return sym_bwd(*ctx.saved_tensors, grad_loss, *ctx.args), None, None
+            masks, saved = ctx.saved_tensors[:N_MASKS], ctx.saved_tensors[N_MASKS:]
+            return sym_bwd(*saved, grad_loss, *ctx.args, *masks), None, None, *(None,) * N_MASKS
 
-    def contrastive(rows: torch.Tensor, cols: torch.Tensor, tau_reg: Temperature, offset: int = 0) -> torch.Tensor:
+    def contrastive(
+        rows: torch.Tensor, cols: torch.Tensor, tau_reg: Temperature, offset: int = 0, *,
+        row_labels: Optional[torch.Tensor] = None, col_labels: Optional[torch.Tensor] = None,
+        col_valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         check_offset(rows, cols, offset)
+        check_contrastive_masks(rows, cols, row_labels, col_labels, col_valid)
+        if col_labels is row_labels and row_labels is not None:
+            col_labels = row_labels.view_as(row_labels)  # an alias: autograd.Function.apply traces no input twice
+        masks = row_labels, col_labels, col_valid
         precision = operand_precision(rows.device.type)
         same = rows is cols
         dtype = torch.float32 if float32_only else compute_dtype(torch.promote_types(rows.dtype, cols.dtype))
@@ -99,11 +111,13 @@ def differentiable(fwd: Callable, bwd: Callable, sym_bwd: Callable, float32_only
             return t.to(dtype).contiguous()
 
         if isinstance(tau_reg, torch.Tensor):
-            rows = rows * tau_reg.rsqrt() if same else rows / tau_reg
+            # in the compute dtype before any arithmetic: rsqrt in bfloat16 would change the temperature itself
+            temperature = tau_reg.to(dtype)
+            rows = rows * temperature.rsqrt() if same else rows / temperature
             cols = rows if same else cols
             tau_reg = 1.0
         if same:
-            return SymmetricContrastive.apply(op_input(rows), float(tau_reg), precision)
-        return Contrastive.apply(op_input(rows), op_input(cols), float(tau_reg), int(offset), precision)
+            return SymmetricContrastive.apply(op_input(rows), float(tau_reg), precision, *masks)
+        return Contrastive.apply(op_input(rows), op_input(cols), float(tau_reg), int(offset), precision, *masks)
 
     return contrastive

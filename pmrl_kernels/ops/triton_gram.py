@@ -32,8 +32,8 @@ from ..constants import JACOBI_MAX_SWEEPS, MAX_MODALITIES, MIN_MODALITIES
 from .triton_common import interpreting, is_available
 from .triton_instance import (
     FLT_MAX, TINY, backward_coefficients, canonical_sign, diagonal, entry, gram_needs_rescale, inverse_norms,
-    jacobi_rotate, jacobi_round, non_finite, row_scales, scale_for, tile_gram, tile_magnitudes, tile_product,
-    unconverged,
+    jacobi_rotate, jacobi_round, non_finite, row_scales, row_weights, scale_for, tile_gram, tile_magnitudes,
+    tile_product, unconverged,
 )
 
 __all__ = ["gram_eig", "gram_eig_unsupported", "is_available"]
@@ -41,28 +41,20 @@ __all__ = ["gram_eig", "gram_eig_unsupported", "is_available"]
 MAX_M = MAX_MODALITIES  # the kernels take one pointer argument per modality
 # fp32 elements of the resident tile [BLOCK_B, MP, D_pad] (4 warps: 16 a thread): an instance with MP * D_pad up to
 # this is loaded once and every pass works on registers, so the forward reads Z once and the backward reads Z and
-# dL/dlead once. No spills for M <= 8 at 2048 (benchmarks/static_check.py, with a real launch's specialisation); at
-# 4096 the backward needs 255 registers at M = 8 and the forward 196 at M = 4: one or two programs an SM, each
-# running its Jacobi solve replicated across its threads.
-# Both directions take the one pass wherever an instance fits. Measured on an H200 (benchmarks/results/
-# gpu-nvidia-h200, B = 65536, M = 4, D = 512) the fp32 forward was 2.2x faster chunked (1.21 against 2.69 ms: a
-# one-pass program holds one instance there, its Jacobi solve replicated over the program's threads), but the
-# chunked fp32 forward wrote wrong U columns (S right) for M = 3 rows whose stride is not a multiple of 16
-# elements (run4-pytest), where the one pass passed (run2-triton) and the interpreter passes both with the
-# compiled block sizes: a fault of the compiled code, not located (README, Limits).
+# dL/dlead once. 2048 keeps M <= 8 free of spills (benchmarks/static_check.py); twice that needs up to 255
+# registers. Both directions take the one pass wherever an instance fits, although one instance a program
+# replicates its Jacobi solve over the program's threads: the chunked fp32 forward is faster but gives wrong U
+# columns for some strided M = 3 inputs when compiled (see docs/results.md, "Triton gram_eig paths").
 RESIDENT_ELEMENTS = 2048
 # Warps per program of both kernels (Triton's default; the static check's no-spill report is for 4). A program
 # holds one instance at M = 16 and in the one-pass path at M = 4, D = 512, where every masked reduction of the
-# Jacobi solve crosses warps; benchmarks/gpu_check.py also times 1 and 2 warps (`triton-1-warp`, `triton-2-warps`)
-# to see whether fewer replicas of the solve win there.
+# Jacobi solve crosses warps.
 NUM_WARPS = 4
 # The forward's Jacobi sweeps: up to this M the cyclic ordering (M (M - 1) / 2 rotations one after the other, each
 # a handful of masked reductions over the MP x MP block), above it the parallel one (MP - 1 rounds of MP / 2
-# disjoint rotations, each round a few gathers): at M = 16, where the cyclic solve bounded the H200's forward,
-# about a tenth of the instructions a sweep in the sm_90 PTX (benchmarks/results/static-sm90/scan.txt). On the
-# H200 at M = 4 it saved 5% (1.15 against 1.21 ms forward, B = 65536, D = 512); M = 16 is not timed yet. Up to 8
-# the cyclic kernels stay and the static check's sample stays spill-free (the parallel one moved ptxas's
-# allocation: 8 bytes at M = 7, D = 129).
+# disjoint rotations, each round a few gathers), about a tenth of the instructions a sweep at M = 16 (see
+# docs/results.md, "Static sm_90 checks"). Up to 8 the cyclic ordering stays: it keeps the static check's sample
+# free of spills, where the parallel one does not.
 CYCLIC_JACOBI_MAX_M = 8
 # fp32 elements of a chunk [BLOCK_B, MP, BLOCK_D] of the chunked passes, which load Z again on each pass (4 warps:
 # 8 a thread): at most 128 registers for M <= 8; 2048 needs up to 162 (the backward at M = 8), otherwise untuned.
@@ -198,7 +190,7 @@ def _gram_eig_fwd_kernel(
     # the maths works on Zn_c = c Zn, c the power of two that brings the largest row norm near 1 (pmrl/instance.h):
     # the solver's rotation test can neither overflow nor underflow, and every coefficient is of order 1
     c = scale_for(tl.max(norm * inv_n, 1))
-    wv = inv_n * c[:, None]  # zn_cm = wv_m zhat_m
+    wv = row_weights(inv_n, c)  # zn_cm = wv_m zhat_m
     g = graw * wv[:, :, None] * wv[:, None, :]
     # a non-finite instance is solved as a zero matrix with NaN eigenvectors, which no rotation touches: it cannot
     # touch the others, and the test after the solve reports it (a flag kept across the solve would be spilled
@@ -294,7 +286,7 @@ def _gram_eig_bwd_kernel(
             r = _rescaled(needs, x, base, b, stride_b, stride_d, B, D, NORMALIZE, RESIDENT, M, MP, BLOCK_D)
             graw, zg = _reductions(x, gl, base, b, r, GLEAD, stride_b, stride_d, stride_gl_b, stride_gl_d, B, D,
                                    NORMALIZE, HAS_GLEAD, RESIDENT, M, MP, BLOCK_D)
-    coef, w, wv = backward_coefficients(graw, zg, s, u, gs, r, NORMALIZE, HAS_GS, HAS_GLEAD, M, MP)
+    coef, w, wv, r = backward_coefficients(graw, zg, s, u, gs, r, NORMALIZE, HAS_GS, HAS_GLEAD, M, MP)
 
     # dL/dz_m = r_m (wv_m (sum_n K_mn (r_n z_n) + w_m gbar)) (pmrl/instance.h's backward_coefficients), in that
     # order: r_m wv_m alone can overflow where dL/dz does not

@@ -116,6 +116,15 @@ def inverse_norms(graw, r, NORMALIZE: tl.constexpr, MP: tl.constexpr):
 
 
 @triton.jit
+def row_weights(inv_n, c):
+    """[BLOCK_B, MP] wv with zn_cm = wv_m zhat_m: inv_n c, capped at the largest finite value (pmrl/common.h's
+    cap_finite). Only a zero or padding row reaches the cap, where c / NORM_EPS overflows; its products with wv
+    are then exactly 0 instead of 0 * inf = NaN."""
+    wv = inv_n * c[:, None]
+    return tl.where(wv > FLT_MAX, FLT_MAX, wv)
+
+
+@triton.jit
 def rotation(app, aqq, apq):
     """(rotate, t, c, s) of the Jacobi rotation zeroing a_pq (Numerical Recipes' formulas), elementwise.
 
@@ -239,9 +248,11 @@ def canonical_sign(u, i, MP: tl.constexpr):
 @triton.jit
 def backward_coefficients(graw, zg, s, u, gs, r, NORMALIZE: tl.constexpr, HAS_GS: tl.constexpr,
                           HAS_GLEAD: tl.constexpr, M: tl.constexpr, MP: tl.constexpr):
-    """(K [BLOCK_B, MP, MP], w [BLOCK_B, MP], wv [BLOCK_B, MP]) with dL/dz_m = r_m (wv_m (sum_n K_mn (r_n z_n) +
-    w_m gbar)), from the reductions of the rows scaled by r (Gram matrix graw, Z gbar zg), S, U and dL/dS gs
-    (pmrl/instance.h's backward_coefficients; reference.gram_eig_backward's maths).
+    """(K [BLOCK_B, MP, MP], w [BLOCK_B, MP], wv [BLOCK_B, MP], r [BLOCK_B, MP]) with dL/dz_m = r_m (wv_m (sum_n
+    K_mn (r_n z_n) + w_m gbar)), from the reductions of the rows scaled by r (Gram matrix graw, Z gbar zg), S, U and
+    dL/dS gs (pmrl/instance.h's backward_coefficients; reference.gram_eig_backward's maths). Without normalisation
+    r comes in as 1 and goes out as the instance scale c, with wv = 1: the pass over D scales the rows before K
+    meets them (c K alone can overflow where dL/dz does not).
 
     dL/dZn = C Zn + u_1 gbar^T / sigma_1 (docs/maths.md, "The backward in matrix form") and, through the
     normalisation with N = diag(max(||z_m||, NORM_EPS)), dL/dZ = K Z + w gbar^T, K = N^-1 C N^-1 - diag(radial) N^-2.
@@ -251,7 +262,13 @@ def backward_coefficients(graw, zg, s, u, gs, r, NORMALIZE: tl.constexpr, HAS_GS
     # the maths works on Zn_c = c Zn, c the power of two of sigma_1
     c = scale_for(entry(s, 0, MP))
     s = s * c[:, None]
-    wv = inv_n * c[:, None]  # zn_cm = wv_m zhat_m
+    if NORMALIZE:
+        wv = row_weights(inv_n, c)  # zn_cm = wv_m zhat_m
+        a = zg * wv  # Zn_c gbar
+    else:
+        r = c[:, None] + tl.zeros_like(s)
+        wv = tl.full(s.shape, 1.0, tl.float32)
+        a = zg * r
 
     s1 = entry(s, 0, MP)
     lam = s * s
@@ -260,7 +277,6 @@ def backward_coefficients(graw, zg, s, u, gs, r, NORMALIZE: tl.constexpr, HAS_GS
     u1 = column(u, 0, MP)
     coef = tl.zeros(u.shape, tl.float32)  # C
     w = tl.zeros(s.shape, tl.float32)  # dL/dZn_c's rank-1 term u_1 gbar^T / sigma_1c, per row
-    a = zg * wv  # Zn_c gbar
     if HAS_GS:
         floor_sq = (SIGMA_EPS * s1) * (SIGMA_EPS * s1) + TINY
         # dL/dsigma_kc = dL/dsigma_k / c
@@ -287,6 +303,4 @@ def backward_coefficients(graw, zg, s, u, gs, r, NORMALIZE: tl.constexpr, HAS_GS
         coef = coef * wv[:, None, :]
         coef -= tl.where(i[None, :, None] == i[None, None, :],
                          tl.math.div_rn(radial * wv, (c * c)[:, None])[:, :, None], 0.0)
-    else:
-        coef = coef * wv[:, None, :]
-    return coef, w, wv
+    return coef, w, wv, r

@@ -99,6 +99,13 @@ PMRL_HD T scale_for(T x) {
   return Num<T>::pow2(e);
 }
 
+// x capped at the largest finite value, NaN kept: a row scale c / max(||zhat_m||, r_m NORM_EPS) passes it only for an
+// exactly zero row, whose products with it are then exactly 0 instead of 0 * inf = NaN (docs/maths.md, "Scale").
+template <class T>
+PMRL_HD T cap_finite(T x) {
+  return x > Num<T>::max() ? Num<T>::max() : x;
+}
+
 // x / (x^2 + floor^2): 1/x for |x| >> floor, smoothly 0 at x = 0 (pmrl_kernels.terms.safe_inverse).
 template <class T>
 PMRL_HD T safe_inverse(T x, T floor_sq) {

@@ -72,7 +72,8 @@ struct Spectrum {
 // coefficients of lead. dim is D: singular values past it are exact zeros.
 template <class T, int M>
 PMRL_HD void gram_spectrum(T g[M][M], const T r[M], bool normalize, int64_t dim, Spectrum<T, M>& sp) {
-  // w_m = c / max(||zhat_m||, r_m NORM_EPS): the scale of row m of Zn_c per unit of zhat_m
+  // w_m = c / max(||zhat_m||, r_m NORM_EPS): the scale of row m of Zn_c per unit of zhat_m, capped at the largest
+  // finite value (reached only by a zero row, where c / NORM_EPS can overflow)
   T w[M];
   T top = T(0);
   PMRL_UNROLL_M
@@ -83,11 +84,11 @@ PMRL_HD void gram_spectrum(T g[M][M], const T r[M], bool normalize, int64_t dim,
   }
   const T c = scale_for(top);
   PMRL_UNROLL_M
-  for (int m = 0; m < M; ++m) w[m] *= c;
+  for (int m = 0; m < M; ++m) w[m] = cap_finite(w[m] * c);
   PMRL_UNROLL_M
   for (int m = 0; m < M; ++m) {
     PMRL_UNROLL_M
-    for (int n = 0; n < M; ++n) g[m][n] = (g[m][n] * w[m]) * w[n];  // w_m w_n overflows for a zero row
+    for (int n = 0; n < M; ++n) g[m][n] = (g[m][n] * w[m]) * w[n];  // w_m w_n alone can overflow
   }
   T lam[M];
   eigh_descending<T, M>(g, lam, sp.u);
@@ -103,10 +104,11 @@ PMRL_HD void gram_spectrum(T g[M][M], const T r[M], bool normalize, int64_t dim,
 
 // Reductions over D the backward takes, on the scaled rows zhat_m = r_m z_m and gbar = dL/dlead:
 //   sq[m] = zhat_m . zhat_m (read only when normalize), zg[m] = zhat_m . gbar and lg = lead . gbar (read only
-//   with gbar). Without normalize the kernels pass r = 1 and the raw reductions (the instance scale c does the
-//   rest, and comes from sigma_1: no pass over D).
-// Writes a, e and out_scale such that dL/dz_m = r_m (out_scale[m] (sum_n a[m][n] (r_n z_n) + e[m] gbar)).
-// grad_s (M values) may be null.
+//   with gbar). Without normalize the kernels pass r = 1 and the raw reductions; the instance scale c, from
+//   sigma_1 (no pass over D), is then written to r, so that the pass over D scales the rows before the
+//   coefficients meet them (c a[m][n] alone can overflow where dL/dz does not: c reaches 2^126 in float32).
+// Writes a, e and out_scale (and r without normalize) such that
+// dL/dz_m = r_m (out_scale[m] (sum_n a[m][n] (r_n z_n) + e[m] gbar)). grad_s (M values) may be null.
 //
 // In matrix form (docs/maths.md, "The backward in matrix form"), on Zn_c = c Zn: dL/dZn_c = C Zn_c + u_1 gbar^T
 // / sigma_1c with C = U K U^T, K diagonal g_k / sigma_kc plus the lead terms in its first row and column. The
@@ -115,7 +117,7 @@ PMRL_HD void gram_spectrum(T g[M][M], const T r[M], bool normalize, int64_t dim,
 // projected dL/dzn_cm.
 template <class T, int M>
 PMRL_HD void backward_coefficients(const T s_in[M], const T u[M][M], const T* grad_s, bool has_grad_lead,
-                                   const T sq[M], const T zg[M], T lg, bool normalize, const T r[M],
+                                   const T sq[M], const T zg[M], T lg, bool normalize, T r[M],
                                    T a[M][M], T e[M], T out_scale[M]) {
   const T tiny = Num<T>::tiny();
   const T c = scale_for(s_in[0]);
@@ -127,12 +129,13 @@ PMRL_HD void backward_coefficients(const T s_in[M], const T u[M][M], const T* gr
   }
   const T inv_s1 = safe_inverse(s[0], tiny);
 
-  T w[M];    // c / max(||zhat_m||, r_m NORM_EPS): zn_cm = w_m zhat_m
+  T w[M];    // c / max(||zhat_m||, r_m NORM_EPS): zn_cm = w_m zhat_m; 1 without normalize, where r_m = c
   T zng[M];  // zn_cm . gbar
   PMRL_UNROLL_M
   for (int m = 0; m < M; ++m) {
-    w[m] = (normalize ? inverse_norm(sq[m], r[m]) : T(1)) * c;
-    zng[m] = has_grad_lead ? zg[m] * w[m] : T(0);
+    w[m] = normalize ? cap_finite(inverse_norm(sq[m], r[m]) * c) : T(1);
+    zng[m] = has_grad_lead ? zg[m] * (normalize ? w[m] : c) : T(0);
+    if (!normalize) r[m] = c;
   }
 
   T k[M][M];

@@ -19,8 +19,9 @@ struct Rows {
 
 // Lanes a CUDA group gives one instance: the smallest power of two, at most max_lanes, whose lanes cover D in one
 // step of `vec` features each; max_lanes outside the powers of two in [1, 32] counts as 32. Every lane of a group
-// runs its instance's per-instance maths (the eigen-solve was 43% of the H200's forward at M = 4, D = 512), so a
-// warp of fewer lanes an instance solves more instances at once, each lane walking more of D (README, GPU section).
+// runs its instance's per-instance maths, a large share of the forward at small M (see docs/results.md, "Gram
+// eigen-solve on CUDA"), so a warp of fewer lanes an instance solves more instances at once, each lane walking more
+// of D.
 inline int lanes_per_instance(int64_t dim, int vec, int max_lanes) {
   int group = (max_lanes >= 1 && max_lanes <= 32 && (max_lanes & (max_lanes - 1)) == 0) ? max_lanes : 32;
   while (group > 1 && int64_t(group / 2) * vec >= dim) group /= 2;
