@@ -3,12 +3,15 @@
 pyproject.toml does not ask pip for torch, so an isolated build (plain `pip install .`) never downloads one: it
 installs the Python package with the C++ sources inside it, and the extension is compiled on the first call that
 needs it (pmrl_kernels.ops.extension). With `--no-build-isolation` this build sees the torch already installed and
-compiles the extension now, against it. Sources, flags and environment knobs: pmrl_kernels/extension_build.py.
+compiles the extension now, against it, and records its build key beside it (first use loads it when the key is
+that of the sources at hand). Sources, flags and environment knobs: pmrl_kernels/extension_build.py.
 """
 import importlib.util
 import os
 import shutil
+import sys
 import warnings
+from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -53,6 +56,7 @@ def _extensions():
         warnings.warn(f"pmrl_kernels: building the CPU extension only ({why_not})")
     recipe.set_build_defaults(with_cuda)
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    RECORD.update(key=recipe.build_key(root, with_cuda), sources=str(root), **recipe.build_config(with_cuda))
     return [kind(
         recipe.MODULE,
         [os.path.relpath(s, ROOT) for s in recipe.sources(root, with_cuda)],
@@ -62,10 +66,28 @@ def _extensions():
     )]
 
 
+RECORD = {}  # what the extension is built from, filled by _extensions
 ext_modules = _extensions()
 cmdclass = {"build_py": BuildPyWithSources}
 if ext_modules:
     from torch.utils.cpp_extension import BuildExtension
 
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    class BuildExtensionWithRecord(BuildExtension.with_options(use_ninja=True)):
+        """Also write the build record beside the module: first use reads its key to tell whether this build is
+        the one its sources make (pmrl_kernels.ops.extension)."""
+
+        def run(self):
+            module = Path(self.get_ext_fullpath(recipe.MODULE))
+            record = module.with_name(recipe.INSTALLED_RECORD)
+            if (recipe.read_record(record) or {}).get("key") != RECORD["key"]:
+                # a module already there is built from other inputs (a header, a flag, another torch), which the
+                # timestamps setuptools compares cannot tell
+                self.force = True
+            print(f"pmrl_kernels: compiling the C++ extension ({len(self.extensions[0].sources)} files, "
+                  f"{'with' if RECORD['with_cuda'] else 'without'} CUDA kernels), build key {RECORD['key']}",
+                  file=sys.stderr, flush=True)
+            super().run()
+            recipe.write_record(record, dict(RECORD, module=module.name))
+
+    cmdclass["build_ext"] = BuildExtensionWithRecord
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

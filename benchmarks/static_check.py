@@ -13,16 +13,20 @@ The contract (checked by `check`, and by tests/test_static_gpu.py): no spill and
 for M <= 8 in every fp32/bf16/fp16 CUDA kernel, no spill in any Triton kernel for M <= 8, and MMA in the
 contrastive kernels under TF32 and bf16.
 
-    python benchmarks/static_check.py [--cuda] [--triton] [--json PATH] [--jobs N]
+    python benchmarks/static_check.py [--cuda] [--triton] [--json PATH] [--jobs N] [--no-cache]
     python benchmarks/static_check.py --scan   # wider, informational: spills of every Gram kernel with M <= 8,
                                                # and the Jacobi sweep's cost in each ordering, from the PTX
 
-Exits 1 when a check fails. Runs Triton in a subprocess-free way only when TRITON_INTERPRET is unset.
+Each part's result is cached under cache_dir() by a hash of its inputs and compilers (part_key): an unchanged tree
+compiles nothing; --no-cache compiles anyway. Exits 1 when a check fails. The Triton part needs TRITON_INTERPRET
+unset.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
+import hashlib
 import json
 import os
 import re
@@ -199,6 +203,7 @@ def _compile_launch(kernel, args, kwargs, keep_ptx: bool = False) -> dict:
     stack, stores, loads = map(int, frame.groups()) if frame else (None, None, None)
     return {"registers": int(regs.group(1)) if regs else None, "stack_bytes": stack, "spill_stores": stores,
             "spill_loads": loads, "mma": bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)", ptx)),
+            "wgmma": bool(re.search(r"\bwgmma\.mma_async", ptx)), "shared_bytes": compiled.metadata.shared,
             "num_warps": options.num_warps, **({"ptx": ptx} if keep_ptx else {})}
 
 
@@ -299,7 +304,7 @@ def scan_text(scan: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------- byte model
 
-# the vendors' HBM peak bandwidths, which the README's predictions divide the modelled bytes by
+# the vendors' HBM peak bandwidths, which the predictions in docs/results.md divide the modelled bytes by
 PEAK_BANDWIDTH = {"H100 SXM": 3.35e12, "H200": 4.8e12}
 BYTE_MODEL_SHAPE = dict(batch=65536, modalities=4, features=512)
 
@@ -326,15 +331,97 @@ def byte_model_rows() -> list[dict]:
 
 
 def byte_model_table() -> str:
-    """byte_model_rows as the README's markdown table."""
+    """byte_model_rows as docs/results.md's markdown table."""
     gpus = list(PEAK_BANDWIDTH)
-    lines = ["| dtype | kernel | path | bytes | " + " | ".join(f"{g} ({PEAK_BANDWIDTH[g] / 1e12:g} TB/s)" for g in gpus)
-             + " | chunked path's bytes |", "|---" * (5 + len(gpus)) + "|"]
-    for r in byte_model_rows():
-        lines.append(f"| {r['dtype']} | `gram_eig` {r['direction']} | {'one pass' if r['resident'] else 'chunked'} | "
-                     f"{r['bytes'] / 1e9:.3f} GB | " + " | ".join(f"{r['ms'][g]:.3f} ms" for g in gpus)
-                     + f" | {r['chunked_bytes'] / 1e9:.3f} GB |")
+    rows = byte_model_rows()
+    path = " (one pass)" if all(r["resident"] for r in rows) else ""
+    lines = [f"| dtype | kernel | bytes{path} | " + " | ".join(f"{g} ({PEAK_BANDWIDTH[g] / 1e12:g} TB/s)" for g in gpus)
+             + " | bytes (chunked) |", "|---" * (4 + len(gpus)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['direction']} | {r['bytes'] / 1e9:.3f} GB | "
+                     + " | ".join(f"{r['ms'][g]:.3f} ms" for g in gpus) + f" | {r['chunked_bytes'] / 1e9:.3f} GB |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ cache
+
+# What the CUDA part's compiles read besides this script (its flags): the kernels' sources and headers.
+CUDA_INPUTS = ("csrc/cuda/*", "csrc/include/**/*")
+# The modules whose launchers the Triton part records: they and what they import decide every compile.
+TRITON_LAUNCHERS = ("pmrl_kernels/ops/triton_gram.py", "pmrl_kernels/ops/triton_contrastive.py")
+
+
+def imported_modules(root: Path, modules: tuple[str, ...]) -> set[Path]:
+    """`modules` (paths under root) and the package modules they import, transitively. Package __init__ files are
+    left out: they gather the API and shape no launch."""
+    todo, seen = [root / m for m in modules], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = path.parents[node.level - 1]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pmrl_kernels":
+                base = root
+            else:
+                continue
+            target = base.joinpath(*node.module.split(".")) if node.module else base
+            found = [target.with_suffix(".py")] + [target / f"{alias.name}.py" for alias in node.names]
+            todo += [f for f in found if f.is_file()]
+    return seen
+
+
+def cache_dir() -> Path:
+    """PMRL_STATIC_CACHE, else pmrl_kernels/static_check under the user's cache folder (XDG_CACHE_HOME)."""
+    if os.environ.get("PMRL_STATIC_CACHE"):
+        return Path(os.environ["PMRL_STATIC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pmrl_kernels" / "static_check"
+
+
+def _toolchain(part: str) -> str:
+    if part == "cuda":
+        nvcc = shutil.which("nvcc")
+        return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc else "no nvcc"
+    import torch
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return f"triton {triton.__version__} torch {torch.__version__} ptxas {get_ptxas(90).version}"
+
+
+def part_key(part: str) -> str:
+    """A hash of everything a part's result depends on: this script, the part's inputs (by path relative to ROOT and
+    content) and its compilers' versions."""
+    root = ROOT
+    digest = hashlib.sha256(Path(__file__).read_bytes() + _toolchain(part).encode())
+    files = sorted({f for pattern in CUDA_INPUTS for f in root.glob(pattern) if f.is_file()} if part == "cuda"
+                   else imported_modules(root, TRITON_LAUNCHERS))
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def cached(part: str, compute) -> dict:
+    """The part's report from the cache when its key is there, else computed by `compute()` and stored when every
+    compile in it succeeded (a failure is compiled again next time, in case it was the machine's). The report's
+    "cache" entry says which."""
+    key = part_key(part)
+    path = cache_dir() / f"{part}-{key}.json"
+    try:
+        return dict(json.loads(path.read_text()), cache={"key": key, "path": str(path), "hit": True})
+    except (OSError, ValueError):
+        pass
+    report = compute()
+    compiled = report.get("status") == "ok" and not any(
+        f["returncode"] for f in report.get("files", [])) and not any("error" in k for k in report.get("kernels", []))
+    if compiled:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(report))
+        os.replace(partial, path)  # whole or absent, for a concurrent reader
+    return dict(report, cache={"key": key, "path": str(path) if compiled else None, "hit": False})
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -366,7 +453,7 @@ def check(report: dict) -> list[str]:
 
 
 def summary(report: dict) -> dict:
-    """The numbers gpu_check's JSON carries: worst spills for M <= 8 and MMA use, per family."""
+    """The numbers the static report carries: worst spills for M <= 8 and MMA use, per family."""
     cuda = [k for f in report.get("cuda", {}).get("files", []) for k in f["kernels"]
             if k["dtype"] != "float64" and k["M"] is not None and k["M"] <= MAX_CLEAN_M]
     tri = [k for k in report.get("triton", {}).get("kernels", []) if "error" not in k]
@@ -395,6 +482,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc processes")
     parser.add_argument("--bytes", action="store_true", help="print the Gram kernels' byte model table and exit")
     parser.add_argument("--scan", action="store_true", help="print the wider spill scan and the sweep costs and exit")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile even when the cache (cache_dir()) holds the result for these sources")
     args = parser.parse_args(argv)
     both = not (args.cuda or args.triton)
     sys.path.insert(0, str(ROOT))
@@ -404,11 +493,15 @@ def main(argv=None) -> int:
     if args.scan:
         print(scan_text(scan_report()))
         return 0
-    report = {}
-    if args.cuda or both:
-        report["cuda"] = cuda_report(args.jobs)
-    if args.triton or both:
-        report["triton"] = triton_report()
+    parts = {"cuda": lambda: cuda_report(args.jobs), "triton": triton_report}
+    wanted = [part for part in parts if both or getattr(args, part)]
+
+    def run(part):
+        return parts[part]() if args.no_cache else cached(part, parts[part])
+
+    with concurrent.futures.ThreadPoolExecutor(len(wanted)) as pool:
+        # the parts overlap: nvcc runs in subprocesses while the Triton compiles keep one core busy
+        report = dict(zip(wanted, pool.map(run, wanted)))
     report["summary"] = summary(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -31,7 +31,8 @@ population std over seeds:
              align_train, reg_train the same on the training split (the data PMRL's optimiser fits)
 It also times one training step of the loss (forward + backward) of this package against the published recipe
 (pmrl_kernels.baselines.official_recipe_loss) at --batch-size and --timing-batch instances, and writes
-uci_results.json and uci_plot.png (uci_quick_* with --quick) to --out-dir.
+uci_results.json and uci_plot.png to --out-dir (by default examples/results/; with --quick, uci_quick_* files in a
+new temporary folder, so a smoke run never writes into the checkout).
 
     python examples/multiview_uci.py            # the full run, about 8 minutes on 2 CPU cores
     python examples/multiview_uci.py --quick    # every protocol on a tiny budget, well under a minute
@@ -46,6 +47,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -230,13 +232,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """The module docstring as written (it lists the protocols and metrics), and each option's default."""
 
 
+def default_out_dir(quick: bool) -> str:
+    """The committed results folder for a full run; a fresh temporary folder for a smoke run."""
+    if quick:
+        return tempfile.mkdtemp(prefix="pmrl-uci-quick-")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"run every protocol on a tiny budget, well under a minute; the options not given take "
                         f"these values: {QUICK}")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                   help="folder for uci_results.json and uci_plot.png (uci_quick_* with --quick)")
+    p.add_argument("--out-dir", default=None,
+                   help="folder for uci_results.json and uci_plot.png (default: examples/results/); with --quick, "
+                        "uci_quick_* files, by default in a new temporary folder")
     p.add_argument("--seeds", type=positive_int, default=5, help="number of seeds (0, 1, ...) per model")
     p.add_argument("--subset", type=positive_int, default=None, help="use a stratified subset of N instances")
     p.add_argument("--dim", type=positive_int, default=64, help="shared embedding dimension D")
@@ -306,8 +316,9 @@ def main(argv=None) -> dict:
                 f"recipe (test split, mean ± std over {args.seeds} seed(s)):", finetune)
     print_timing(timing)
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, "uci_quick" if args.quick else "uci")
+    out_dir = args.out_dir or default_out_dir(args.quick)
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, "uci_quick" if args.quick else "uci")
     json_path, plot_path = f"{stem}_results.json", f"{stem}_plot.png"
     environment = {"command": " ".join(["python examples/multiview_uci.py", *argv]), "seconds": seconds,
                    "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),

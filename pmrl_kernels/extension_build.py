@@ -1,23 +1,29 @@
 """How the C++ extension is built, written once for both ways it gets built.
 
 - At install time, by setup.py, when torch is importable in the build environment (`pip install
-  --no-build-isolation`): it becomes `pmrl_kernels._C`.
-- On first use, by pmrl_kernels.ops.extension, when it was not (pip's default isolated build has no torch, and
-  this package never asks pip for one): compiled with ninja through `torch.utils.cpp_extension.load`, once, into
-  torch's extension cache, where later processes find it.
+  --no-build-isolation`): it becomes `pmrl_kernels._C`, with a record of its build key beside it
+  (INSTALLED_RECORD).
+- On first use, by pmrl_kernels.ops.extension, when no installed build has the key of the sources at hand: compiled
+  with ninja through `torch.utils.cpp_extension.load` into one cache folder per key, where later processes load it
+  without compiling.
+
+The build key (build_key) hashes what decides the binary: the sources and headers, the flags and compilers, and the
+torch and Python versions. An unchanged build is never redone, a changed one always is, wherever the sources sit.
 
 This file imports nothing of pmrl_kernels and torch only inside functions: setup.py loads it by path before it
 knows whether torch is there.
 
 Environment: PMRL_SKIP_EXTENSION=1 builds nothing (install) and compiles nothing (first use); PMRL_SKIP_CUDA=1
 builds the CPU kernels only; TORCH_CUDA_ARCH_LIST (default "9.0") the CUDA architectures; MAX_JOBS the parallel
-compile jobs (default: the CPUs, at most one per 2 GB of free memory); TORCH_EXTENSIONS_DIR the first-use cache.
+compile jobs (default: the CPUs, at most one per 2 GB of free memory); TORCH_EXTENSIONS_DIR the first-use cache
+(default: torch's, ~/.cache/torch_extensions).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -66,6 +72,7 @@ def cxx_flags() -> list[str]:
 # sqrt and division), so both backends agree with the reference alike
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 CUDA_MACRO = "PMRL_WITH_CUDA"
+DEFAULT_ARCH_LIST = "9.0"
 
 
 def cuda_plan() -> tuple[bool, Optional[str]]:
@@ -83,7 +90,7 @@ def cuda_plan() -> tuple[bool, Optional[str]]:
 def set_build_defaults(with_cuda: bool) -> None:
     os.environ.setdefault("MAX_JOBS", default_jobs())
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
 
 
 def default_jobs() -> str:
@@ -95,50 +102,134 @@ def default_jobs() -> str:
         return "1"
 
 
-def first_use_name() -> str:
-    """The cached module's name: one per package, Python and torch version, so an upgrade compiles afresh rather
-    than loading a library built for another."""
+# A build record (JSON: key, module, build_config) sits beside a module once it is complete: its key says what the
+# module is built from. BUILD_RECORD in a first-use cache folder, INSTALLED_RECORD beside the module setup.py builds.
+BUILD_RECORD = "build.json"
+INSTALLED_RECORD = "_C.build.json"
+
+
+def build_inputs(root: Path) -> list[Path]:
+    """Every file whose content can reach the binary: all of the source folder (any header a source includes) but
+    the C++ self-checks in tests/, which are not part of the extension and are not installed."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and "tests" not in p.relative_to(root).parts)
+
+
+def build_config(with_cuda: bool) -> dict:
+    """Everything besides the sources that decides the binary: flags, compilers, and the torch and Python it links
+    against. MAX_JOBS is not in it: it changes how long a build takes, not what it makes."""
     import sys
 
     import torch
-
-    from_init = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "__init__.py").read_text())
-    version = from_init.group(1) if from_init else "0"
-    python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return re.sub(r"\W", "_", f"pmrl_kernels_C_{version}_{python}_torch{torch.__version__}")
-
-
-def first_use_directory() -> Path:
-    """Where the first-use build compiles and caches the module (under TORCH_EXTENSIONS_DIR when set)."""
     from torch.utils import cpp_extension
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    return Path(root) / first_use_name()
+    config = {"cxx_flags": cxx_flags(), "cxx": os.environ.get("CXX", "c++"), "with_cuda": with_cuda,
+              "torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": sys.implementation.cache_tag,
+              "abi": getattr(sys, "abiflags", "")}
+    if with_cuda:
+        config.update(nvcc_flags=NVCC_FLAGS, cuda_home=cpp_extension.CUDA_HOME, cc=os.environ.get("CC"),
+                      arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST))
+    return config
 
 
-def compiled_before() -> bool:
-    """Whether a first-use build left a module in the cache (torch still recompiles it if the sources changed)."""
-    return any(first_use_directory().glob(f"{first_use_name()}*.so"))
+def build_key(root: Path, with_cuda: bool) -> str:
+    """A hash of the build inputs (by path relative to `root` and content) and of build_config: equal keys make the
+    same binary, so a module built under a key is reused wherever the key is equal (another checkout, another
+    install, any absolute path) and never where it is not."""
+    digest = hashlib.sha256()
+    for path in build_inputs(root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(json.dumps(build_config(with_cuda), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
 
 
-def compile_on_first_use():
-    """Compile the extension now, or load it from torch's cache, and return the module. Raises on failure."""
+def first_use_name(key: str) -> str:
+    return f"pmrl_kernels_C_{key}"
+
+
+def cache_root() -> Path:
+    """The first-use cache: TORCH_EXTENSIONS_DIR when set, torch's extension cache otherwise."""
     from torch.utils import cpp_extension
 
-    root = source_root()
-    if root is None:
-        raise FileNotFoundError("the C++ sources are not installed with the package (no csrc/ folder)")
-    with_cuda, _ = cuda_plan()
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+
+
+def first_use_directory(key: str) -> Path:
+    """Where the first-use build of `key` compiles and keeps its module: one folder per key."""
+    return cache_root() / first_use_name(key)
+
+
+def read_record(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(path: Path, record: dict) -> None:
+    # written whole, then renamed: a concurrent reader sees no record or a complete one, never part of one
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(partial, path)
+
+
+def cached_module(key: str) -> Optional[Path]:
+    """The module a finished first-use build of `key` left in the cache, if there is one."""
+    directory = first_use_directory(key)
+    record = read_record(directory / BUILD_RECORD)
+    if record is None or record.get("key") != key:
+        return None
+    module = directory / record["module"]
+    return module if module.is_file() else None
+
+
+def object_files(sources_: list[str]) -> list[str]:
+    """The object file ninja writes for each source under torch.utils.cpp_extension.load's naming."""
+    return [Path(s).stem + (".cuda.o" if s.endswith(".cu") else ".o") for s in sources_]
+
+
+def compile_on_first_use(root: Path, key: str, with_cuda: bool, progress):
+    """Compile the extension from the sources in `root` into the cache folder of their `key`, record it there, and
+    return the module. Raises on failure. `progress(done, total)` is called from another thread as the sources'
+    object files appear."""
+    import threading
+
+    from torch.utils import cpp_extension
+
     set_build_defaults(with_cuda)
-    directory = first_use_directory()
+    directory = first_use_directory(key)
     directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=first_use_name(),
-        sources=sources(root, with_cuda),
-        extra_include_paths=[str(root / "include")],
-        extra_cflags=cxx_flags() + ([f"-D{CUDA_MACRO}=1"] if with_cuda else []),
-        extra_cuda_cflags=NVCC_FLAGS + [f"-D{CUDA_MACRO}=1"],
-        build_directory=str(directory),
-        with_cuda=with_cuda,
-        verbose=False,
-    )
+    files = sources(root, with_cuda)
+    finished = threading.Event()
+    watcher = threading.Thread(target=_watch_objects, args=(directory, object_files(files), progress, finished),
+                               daemon=True)
+    watcher.start()
+    try:
+        module = cpp_extension.load(
+            name=first_use_name(key),
+            sources=files,
+            extra_include_paths=[str(root / "include")],
+            extra_cflags=cxx_flags() + ([f"-D{CUDA_MACRO}=1"] if with_cuda else []),
+            extra_cuda_cflags=NVCC_FLAGS + [f"-D{CUDA_MACRO}=1"],
+            build_directory=str(directory),
+            with_cuda=with_cuda,
+            verbose=False,
+        )
+    finally:
+        finished.set()
+        watcher.join()
+    write_record(directory / BUILD_RECORD, {"key": key, "module": Path(module.__file__).name, "sources": str(root),
+                                            **build_config(with_cuda)})
+    return module
+
+
+def _watch_objects(directory: Path, objects: list[str], progress, finished) -> None:
+    # one last look once the build is over, so that a build quicker than a poll still reports its files
+    done = 0
+    while True:
+        over = finished.wait(0.5)
+        now = sum((directory / name).is_file() for name in objects)
+        if now != done:
+            done = now
+            progress(done, len(objects))
+        if over:
+            return

@@ -112,13 +112,17 @@ def in_range(r: dict, name: str) -> None:
 
 
 def test_quick_run_end_to_end(needs_deps, tmp_path):
-    done = subprocess.run([sys.executable, str(EXAMPLES / "multiview_uci.py"), "--quick", "--out-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    # no --out-dir: a smoke run writes into a new temporary folder (TMPDIR), never into the checkout
+    before = sorted(p.name for p in (EXAMPLES / "results").iterdir())
+    done = subprocess.run([sys.executable, str(EXAMPLES / "multiview_uci.py"), "--quick"], capture_output=True,
+                          text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     where = re.search(r"Wrote the results to (.+) and the plot to (.+)\.$", done.stdout.strip())
     assert where, done.stdout[-500:]
-    json_path, plot_path = (Path(p) for p in where.groups())
-    assert json_path == tmp_path / "uci_quick_results.json" and plot_path == tmp_path / "uci_quick_plot.png"
+    json_path, plot_path = (Path(p).resolve() for p in where.groups())
+    assert json_path.parent.parent == tmp_path.resolve() and json_path.parent.name.startswith("pmrl-uci-quick-")
+    assert (json_path.name, plot_path) == ("uci_quick_results.json", json_path.parent / "uci_quick_plot.png")
+    assert sorted(p.name for p in (EXAMPLES / "results").iterdir()) == before
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads(json_path.read_text())
     assert tuple(results["metrics"]) == METRICS

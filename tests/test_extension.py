@@ -40,6 +40,13 @@ def test_registered_where_built():
 
 
 @needs_kernels
+def test_origin_names_the_loaded_module(compiled_extension):
+    kind, path = extension.origin().rsplit(" ", 1)
+    assert kind in ("installed build", "first-use cache", "compiled into")
+    assert Path(path) == Path(compiled_extension.__file__)
+
+
+@needs_kernels
 def test_auto_picks_the_extension_on_cpu():
     zs = list(torch.randn(2, 3, 4).unbind(1))
     assert backends.resolve("gram_eig", "auto", (zs,)) is extension.gram_eig

@@ -1,8 +1,11 @@
-"""What the compilers say about every kernel for sm_90, without a GPU (benchmarks/static_check.py; the report is
-computed once per session by conftest.static_report): every .cu file compiles with a bare nvcc, every Triton
-kernel compiles with the specialisation a real launch gets (the Gram kernels on both paths), nothing spills for
-M <= 8, the CUDA stack frames stay under 512 bytes, and the contrastive kernels use MMA instructions under TF32 and
-bf16; the README's predicted bytes and times are the Gram kernels' byte model."""
+"""What the compilers say about every kernel for sm_90, without a GPU (benchmarks/static_check.py; the report comes
+from conftest.static_report, shared by these tests and cached by source hash): every .cu file compiles with a bare
+nvcc, every Triton kernel compiles with the specialisation a real launch gets (the Gram kernels on both paths),
+nothing spills for M <= 8, the CUDA stack frames stay under 512 bytes, and the contrastive kernels use MMA
+instructions under TF32 and bf16; the predicted bytes and times in docs/results.md are the Gram kernels' byte model.
+
+The tests that compile carry the `sm90` marker, which the default test command deselects (pyproject.toml's addopts):
+`python -m pytest tests -m sm90` runs them (CI's own step)."""
 import importlib.util
 import shutil
 from pathlib import Path
@@ -17,7 +20,12 @@ static_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(static_check)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+sm90 = pytest.mark.sm90
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+
+
+@sm90
+@needs_nvcc
 def test_every_cuda_source_compiles_without_spills(static_report):
     files = static_report["cuda"]["files"]
     assert sorted(f["file"] for f in files) == sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -34,6 +42,7 @@ def test_every_cuda_source_compiles_without_spills(static_report):
     assert not bad, bad
 
 
+@sm90
 def test_every_triton_kernel_compiles_as_launched_without_spills(static_report):
     kernels = static_report["triton"]["kernels"]
     compiled = {k["kernel"] for k in kernels if "error" not in k}
@@ -46,6 +55,7 @@ def test_every_triton_kernel_compiles_as_launched_without_spills(static_report):
     assert not spills, spills
 
 
+@sm90
 def test_gram_kernels_compile_on_both_paths(static_report):
     """Forward and backward, resident (the instance loaded once) and chunked, each at some M <= 8: the no-spill
     contract covers both paths."""
@@ -55,11 +65,12 @@ def test_gram_kernels_compile_on_both_paths(static_report):
         (kernel, resident) for kernel in ("_gram_eig_fwd_kernel", "_gram_eig_bwd_kernel") for resident in (True, False)}
 
 
-def test_readme_predictions_are_the_byte_model():
-    """README's GPU section shows static_check.byte_model_table() as it is (`static_check.py --bytes`)."""
-    assert static_check.byte_model_table() in (ROOT / "README.md").read_text()
+def test_documented_predictions_are_the_byte_model():
+    """docs/results.md's byte model shows static_check.byte_model_table() as it is (`static_check.py --bytes`)."""
+    assert static_check.byte_model_table() in (ROOT / "docs" / "results.md").read_text()
 
 
+@sm90
 def test_contrastive_uses_tensor_cores_where_torch_would(static_report):
     kernels = [k for k in static_report["triton"]["kernels"] if k["family"] == "contrastive"]
     modes = {(k["precision"], k["kernel"], k["mode"]) for k in kernels}
@@ -70,6 +81,17 @@ def test_contrastive_uses_tensor_cores_where_torch_would(static_report):
     for k in kernels:
         # IEEE fp32 is FMA, as torch's own matmul under "highest"; TF32 and bf16 are MMA
         assert k["mma"] == (k["precision"] != "ieee"), k
+
+
+@sm90
+def test_contrastive_uses_wgmma_and_fits_shared_memory(static_report):
+    """At the block sizes a GPU launch takes (triton_contrastive.fwd_config / bwd_config), the contrastive kernels
+    issue Hopper's wgmma under TF32 and bf16 and fit an SM's 227 KiB of shared memory."""
+    kernels = [k for k in static_report["triton"]["kernels"] if k["family"] == "contrastive"]
+    assert kernels
+    for k in kernels:
+        assert k["wgmma"] == (k["precision"] in ("tf32", "bf16")), k
+        assert k["shared_bytes"] <= 227 * 1024, k
 
 
 def test_the_contract_check_flags_what_it_should():
@@ -84,10 +106,16 @@ def test_the_contract_check_flags_what_it_should():
     assert len(problems) == 3, problems  # the spill, the stack frame, the missing MMA; fp64 is exempt
 
 
-def test_build_time_prediction(static_report):
-    """The 16-core CUDA build time is predicted from each file's measured nvcc time, longest file first."""
+def test_build_time_model():
+    """build_seconds schedules files longest first on the workers, as ninja does with MAX_JOBS."""
     assert static_check.build_seconds([10.0, 9.0, 1.0, 1.0], 2) == 11.0
     assert static_check.build_seconds([5.0] * 32, 16) == 10.0
+
+
+@sm90
+@needs_nvcc
+def test_build_time_prediction(static_report):
+    """The 16-core CUDA build time is predicted from each file's nvcc time in the report."""
     seconds = [f["seconds"] for f in static_report["cuda"]["files"]]
     assert all(s > 0 for s in seconds)
     predicted = static_check.summary(static_report)["cuda_build_seconds_on_16_cores_predicted"]
@@ -115,3 +143,62 @@ $L__BB0_3:
     loops = static_check.ptx_loops(ptx)
     assert [(lp["instructions"], lp["barriers"], lp["sqrt"]) for lp in loops] == [(4, 1, True), (7, 2, True)]
     assert static_check.rotation_loop(loops) is loops[0]
+
+
+def _tree(root: Path) -> Path:
+    """A copy of the inputs of both parts of the static check."""
+    shutil.copytree(ROOT / "csrc", root / "csrc", ignore=shutil.ignore_patterns("tests"))
+    shutil.copytree(ROOT / "pmrl_kernels", root / "pmrl_kernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return root
+
+
+def test_static_keys_follow_their_inputs(tmp_path, monkeypatch):
+    """The CUDA result is keyed on the .cu files and headers, the Triton result on the launchers' modules and what
+    they import, both on the compilers; neither on where the tree is."""
+    monkeypatch.setattr(static_check, "_toolchain", lambda part: "compilers 1")
+    keys = []
+    for tree in (_tree(tmp_path / "a"), _tree(tmp_path / "b")):
+        monkeypatch.setattr(static_check, "ROOT", tree)
+        keys.append({part: static_check.part_key(part) for part in ("cuda", "triton")})
+    assert keys[0] == keys[1] and keys[0]["cuda"] != keys[0]["triton"]
+    for edited, changes in (("csrc/cuda/gram_eig_forward_m2_4.cu", {"cuda"}), ("csrc/include/pmrl/eigen.h", {"cuda"}),
+                            ("pmrl_kernels/ops/triton_gram.py", {"triton"}), ("pmrl_kernels/constants.py", {"triton"}),
+                            ("pmrl_kernels/terms.py", {"triton"}), ("pmrl_kernels/bench/cli.py", set()),
+                            ("pmrl_kernels/loss.py", set()), ("pmrl_kernels/__init__.py", set()),
+                            ("csrc/cpu/kernels.h", set())):
+        before = {part: static_check.part_key(part) for part in ("cuda", "triton")}
+        path = tree / edited
+        path.write_text(path.read_text() + ("\n# edited\n" if path.suffix == ".py" else "\n// edited\n"))
+        after = {part: static_check.part_key(part) for part in ("cuda", "triton")}
+        assert {part for part in after if after[part] != before[part]} == changes, edited
+    monkeypatch.setattr(static_check, "_toolchain", lambda part: "compilers 2")
+    assert all(static_check.part_key(part) != after[part] for part in after)
+
+
+def test_static_results_are_cached_by_source_hash(tmp_path, monkeypatch):
+    """An unchanged tree reads the stored result; an edited one compiles again; a failed or skipped compile is not
+    stored."""
+    tree = _tree(tmp_path / "tree")
+    monkeypatch.setattr(static_check, "ROOT", tree)
+    monkeypatch.setattr(static_check, "_toolchain", lambda part: "compilers")
+    monkeypatch.setenv("PMRL_STATIC_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def compile_(error=False):
+        calls.append(error)
+        return {"status": "ok", "kernels": [{"kernel": "k", "call": len(calls), **({"error": "x"} if error else {})}]}
+
+    first = static_check.cached("triton", compile_)
+    again = static_check.cached("triton", compile_)
+    assert len(calls) == 1 and not first["cache"]["hit"] and again["cache"]["hit"]
+    assert again["kernels"] == first["kernels"] and Path(again["cache"]["path"]).parent == tmp_path / "cache"
+    source = tree / "pmrl_kernels" / "ops" / "triton_gram.py"
+    source.write_text(source.read_text() + "\n# edited\n")
+    edited = static_check.cached("triton", lambda: compile_(error=True))
+    assert len(calls) == 2 and not edited["cache"]["hit"] and edited["cache"]["path"] is None
+    assert static_check.cached("triton", compile_)["kernels"][0]["call"] == 3  # the failure was not kept
+    skipped = {"status": "skipped", "reason": "no compiler"}
+    source.write_text(source.read_text() + "\n# edited again\n")
+    assert static_check.cached("triton", lambda: skipped)["cache"] == {
+        "key": static_check.part_key("triton"), "path": None, "hit": False}
+    assert not static_check.cached("triton", compile_)["cache"]["hit"]  # nor was the skip

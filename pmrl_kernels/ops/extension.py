@@ -13,16 +13,20 @@ Both read the M modality tensors in place (no stack) and follow pmrl_kernels.ref
 included. This module adds their fake (meta) implementations and the shared autograd.Function over them, so the
 backend composes with torch.compile(fullgraph=True).
 
-The extension is built at install when torch was importable there, and otherwise compiled on first use
-(load(); pmrl_kernels.extension_build holds the recipe of both).
+The extension is built at install when torch was importable there, and otherwise compiled on first use into a cache
+keyed by what decides the binary (load(); pmrl_kernels.extension_build holds the recipe of both).
 
 Op module of the gram_eig op (pmrl_kernels.backends.GramEigModule): is_available, gram_eig_unsupported, gram_eig.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.metadata
+import importlib.util
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -32,17 +36,21 @@ from ..autograd import gram_eig_autograd
 from ..constants import MAX_MODALITIES, MIN_MODALITIES
 from ..inputs import SUPPORTED_DTYPES, compute_dtype
 
-__all__ = ["gram_eig", "gram_eig_unsupported", "is_available", "load", "load_error"]
+__all__ = ["gram_eig", "gram_eig_unsupported", "is_available", "load", "load_error", "origin"]
 
-# the extension module once looked for: None until then; (module or None, why not) after
+# the extension module once looked for: None until then; (module or None, why not, where from) after
 _loaded: Optional[tuple] = None
 
 
 def load():
-    """The extension module, or None. The first call imports the one built at install or, failing that, compiles
-    it (one line on stderr says so; torch caches the result for later processes). Never at `import pmrl_kernels`:
-    the first call comes from the first loss, gram_svd or available_backends() that asks for the backend. A failed
-    build warns once per process and leaves the other backends working."""
+    """The extension module, or None. The first call takes the build setup.py installed when its build key is that
+    of the package's sources (or when it has no build record), else the first-use build of that key from the cache,
+    and compiles one otherwise. Whatever is not the installed build inside this package says so on stderr: one line
+    naming the module it loads, or, before any compile, one line naming the cache folder it compiles into, then its
+    progress (files done of total); a module from the cache and a compile also say which installed builds were
+    passed over and why. Never at `import pmrl_kernels`: the first call comes from the first loss, gram_svd or
+    available_backends() that asks for the backend. A failed build warns once per process and leaves the other
+    backends working."""
     global _loaded
     if _loaded is None:
         _loaded = _import_or_build()
@@ -56,31 +64,94 @@ def load_error() -> Optional[str]:
     return None if _loaded is None else _loaded[1]
 
 
-def _import_or_build() -> tuple:
-    try:
-        from .. import _C
+def origin() -> Optional[str]:
+    """Where the loaded extension comes from: "installed build PATH", "first-use cache PATH" or "compiled into PATH"
+    (None when load() was not called or returned None)."""
+    return None if _loaded is None else _loaded[2]
 
-        return _C, None
-    except ImportError as exc:  # not built at install (isolated build, PMRL_SKIP_EXTENSION) or for another torch
-        installed = f"{extension_build.MODULE} is not installed ({exc})"
-    if extension_build.skipped():
-        return None, f"{installed}, and {extension_build.SKIP_ENV}=1 turns off its first-use build"
-    announce = not extension_build.compiled_before()
-    if announce:
-        print(f"pmrl_kernels: compiling the C++ extension once, into {extension_build.first_use_directory()} "
-              "(about 1.5 minutes on 2 CPU cores, longer with CUDA kernels) ...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
+
+def _say(message: str) -> None:
+    print(f"pmrl_kernels: {message}", file=sys.stderr, flush=True)
+
+
+def _installed_builds() -> list[Path]:
+    """The modules setup.py built: the one inside this package, then those of installed distributions elsewhere (a
+    checkout imported from its root shadows the installed package, whose build may still be the one it needs)."""
+    package = Path(__file__).resolve().parents[1]
+    names = {f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES}
+    found = [package / name for name in sorted(names) if (package / name).is_file()]
+    for dist in importlib.metadata.distributions(name="pmrl_kernels"):
+        for file in dist.files or ():
+            path = Path(dist.locate_file(file)).resolve() if file.parts == ("pmrl_kernels", file.name) else None
+            if file.name in names and path is not None and path.is_file() and path not in found:
+                found.append(path)
+    return found
+
+
+def _load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _try_installed(path: Path, root: Optional[Path]) -> tuple:
+    """(module or None, why not) for the installed build at `path`."""
+    record = extension_build.read_record(path.with_name(extension_build.INSTALLED_RECORD))
+    if record is not None:
+        key = None if root is None else extension_build.build_key(root, record["with_cuda"])
+        if key != record["key"]:
+            return None, f"{path} has build key {record['key']}, the sources {root} make {key}"
+    # a build without a record (one from before records, or by hand) is used as it is: nothing says it is stale
     try:
-        module = extension_build.compile_on_first_use()
+        if path.parent == Path(__file__).resolve().parents[1]:
+            from .. import _C
+
+            return _C, None
+        module = _load_module(extension_build.MODULE, path)
+    except ImportError as exc:  # built for another torch, or hidden
+        return None, f"{path} does not import ({exc})"
+    checked = ("has the build key of the sources imported here" if record is not None
+               else "has no build record to check against the sources imported here")
+    _say(f"the C++ extension is the installed build {path}, which {checked} ({root})")
+    return module, None
+
+
+def _import_or_build() -> tuple:
+    root = extension_build.source_root()
+    passed_over = []
+    for path in _installed_builds():
+        module, why_not = _try_installed(path, root)
+        if module is not None:
+            return module, None, f"installed build {path}"
+        passed_over.append(why_not)
+    installed = "; ".join(passed_over) or f"{extension_build.MODULE} is not installed"
+    if extension_build.skipped():
+        return None, f"{installed}, and {extension_build.SKIP_ENV}=1 turns off its first-use build", None
+    try:
+        if root is None:
+            raise FileNotFoundError("the C++ sources are not installed with the package (no csrc/ folder)")
+        with_cuda, _ = extension_build.cuda_plan()
+        key = extension_build.build_key(root, with_cuda)
+        cached = extension_build.cached_module(key)
+        if cached is not None:
+            module = _load_module(extension_build.first_use_name(key), cached)
+            _say(f"the C++ extension is the first-use build {cached} ({installed})")
+            return module, None, f"first-use cache {cached}"
+        directory = extension_build.first_use_directory(key)
+        files = len(extension_build.sources(root, with_cuda))
+        _say(f"compiling the C++ extension ({files} files{', CUDA kernels included' if with_cuda else ''}) once for "
+             f"the sources {root} (build key {key}) into {directory}, a few minutes ({installed}) ...")
+        start = time.perf_counter()
+        module = extension_build.compile_on_first_use(
+            root, key, with_cuda, progress=lambda done, total: _say(f"compiled {done} of {total} files"))
     except Exception as exc:  # a compiler error, no compiler, no ninja, no sources: the other backends still work
         lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
         reason = f"{installed}, and its first-use build failed: {lines[-1].rstrip('.')}"
         warnings.warn(f"pmrl_kernels: {reason}. {extension_build.HOW_TO_BUILD}", RuntimeWarning, stacklevel=2)
-        return None, reason
-    if announce:
-        print(f"pmrl_kernels: the C++ extension is ready, compiled in {time.perf_counter() - start:.0f} s.",
-              file=sys.stderr, flush=True)
-    return module, None
+        return None, reason, None
+    _say(f"the C++ extension is ready, compiled in {time.perf_counter() - start:.0f} s: {module.__file__}")
+    return module, None, f"compiled into {module.__file__}"
 
 
 @torch.compiler.assume_constant_result
