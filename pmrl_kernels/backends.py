@@ -5,8 +5,10 @@ Protocol below (one module may serve several ops):
 
     gram_eig(embeddings, normalize) -> (S, U, lead)        # a [B, M, D] tensor or M tensors [B, D];
                                                             # differentiable through S and lead
-    contrastive(rows, cols, tau_reg, offset) -> [B]         # per-row InfoNCE over the leads; tau_reg a float
-                                                            # or a 0-d tensor, which gets its gradient
+    contrastive(rows, cols, tau_reg, offset,               # per-row InfoNCE over the leads; tau_reg a float
+                *, row_labels, col_labels, col_valid)       # or a 0-d tensor, which gets its gradient; the
+        -> [B]                                              # optional masks remove columns from a row's
+                                                            # softmax (pmrl_kernels.terms.contrastive)
 
 Every op module also says whether it can run on a device type (`is_available`) and which inputs it refuses
 (`<op>_unsupported(...)`, None when it takes them; gram_eig's gets the M row views). Wrapping a backward with
@@ -60,7 +62,9 @@ class ContrastiveModule(Protocol):
     def contrastive_unsupported(self, rows: torch.Tensor, cols: torch.Tensor) -> Optional[str]: ...
 
     def contrastive(
-        self, rows: torch.Tensor, cols: torch.Tensor, tau_reg: Union[float, torch.Tensor], offset: int
+        self, rows: torch.Tensor, cols: torch.Tensor, tau_reg: Union[float, torch.Tensor], offset: int, *,
+        row_labels: Optional[torch.Tensor] = None, col_labels: Optional[torch.Tensor] = None,
+        col_valid: Optional[torch.Tensor] = None,
     ) -> torch.Tensor: ...
 
 
@@ -94,13 +98,11 @@ AUTO_ORDER = {
     "gram_eig": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")},
     "contrastive": {"cuda": ("blocked", "triton", "reference"), "cpu": ("reference",)},
 }
-# Measured on an H200 (benchmarks/results/gpu-nvidia-h200, B = 65536, D = 512): the `cuda` gram_eig took 0.84 ms
-# forward+backward at M = 4 in fp32 against 1.12 to 3.43 ms for Triton's paths (run 3), but 440 ms at M = 16 against
-# Triton's 141 ms: the CUDA kernel keeps its M x M arrays in registers only up to M = 8 (benchmarks/static_check.py)
-# and in local memory above. So past CUDA_REGISTER_MAX_M modalities "auto" tries these instead.
-# The contrastive term (same card, run3-full, the loss's forward+backward at M = 4): the blocked backend (torch.mm
-# on row blocks) took 462 ms at IEEE fp32, 134 ms under TF32 and 155 ms under bf16 autocast, Triton's kernel 2016,
-# 422 and 432 ms: blocked leads at every precision, for 257 MiB more peak memory (one 256 MiB logits block).
+# The CUDA gram_eig kernel keeps its M x M arrays in registers only up to M = 8 (benchmarks/static_check.py) and in
+# local memory above, where Triton's kernels are faster: past CUDA_REGISTER_MAX_M modalities "auto" tries these
+# instead (docs/results.md, "Gram eigen-solve on CUDA"). On CUDA the contrastive term takes the blocked backend
+# (torch.mm on row blocks) first at every matmul precision, for one logits block of extra peak memory
+# (docs/results.md, "Contrastive term on CUDA").
 CUDA_REGISTER_MAX_M = 8
 AUTO_ORDER_MANY_MODALITIES = {"gram_eig": {"cuda": ("triton", "cuda", "reference")}}
 

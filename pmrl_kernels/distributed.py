@@ -18,8 +18,13 @@ The gather's backward sums every rank's gradient into the rows it came from (a r
 a rank receives on its embeddings is that of the sum of all ranks' losses: W times the single-process gradient
 for "mean" and "sum". DDP divides by W again when it averages parameter gradients.
 
-Only lead [B, D] crosses ranks, so this works with every backend. Each step costs one all_gather of the batch
-sizes (an int64 per rank, read on the host: a device sync on CUDA) and one all_gather of the padded leads.
+With a modality mask (`present`), N counts the instances with a present modality only, and the gathered
+flags of those instances leave the others out of every rank's negatives; with `labels`, the gathered labels
+remove every rank's same-label columns. Every rank passes present (labels) or none does.
+
+Only lead [B, D] crosses ranks with gradient, so this works with every backend. Each step costs one all_gather
+of the batch sizes (an int64 per rank, read on the host: a device sync on CUDA), one all_gather of the padded
+leads, and one of the labels and one of the present flags when they are given.
 """
 from __future__ import annotations
 
@@ -99,10 +104,23 @@ class RowGather:
         cols = torch.cat([gathered[r * most: r * most + n] for r, n in enumerate(self.sizes)], dim=0)
         return cols, self.offset
 
-    def reduce(self, per_row: torch.Tensor, reduction: str) -> torch.Tensor:
-        """This rank's share of the loss under the scaling in the module docstring."""
+    def values(self, flags: torch.Tensor) -> torch.Tensor:
+        """flags [b] (labels, masks: no gradient) of every rank, concatenated in rank order. Sent as int64, which
+        every process-group backend reduces and gathers."""
+        most = max(self.sizes)
+        padded = F.pad(flags.to(torch.int64), (0, most - flags.shape[0]))
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[:n] for p, n in zip(parts, self.sizes)]).to(flags.dtype)
+
+    def reduce(self, per_row: torch.Tensor, reduction: str, valid=None) -> torch.Tensor:
+        """This rank's share of the loss under the scaling in the module docstring. valid [N] bool (every rank's
+        instances with a present modality, or None for all): "mean" is over those."""
         if reduction == "none":
             return per_row
-        scale = self.world_size / self.total if reduction == "mean" else self.world_size
-        return per_row.sum() * scale
+        if reduction == "sum":
+            return per_row.sum() * self.world_size
+        if valid is None:
+            return per_row.sum() * (self.world_size / self.total)
+        return per_row.sum() * self.world_size / valid.sum().clamp_min(1)
 

@@ -10,6 +10,7 @@ import pmrl_kernels
 from conftest import assert_close, random_embeddings
 from pmrl_kernels import PMRLLoss, backends, gram_svd, pmrl_loss, reference
 from pmrl_kernels.config import DEFAULTS, PMRLConfig
+from test_conformance import every_backend, skip_if_the_loss_is_refused
 
 
 def test_public_names():
@@ -32,6 +33,45 @@ def test_list_input_equals_tensor_input(backend):
     a, b = gram_svd(z, backend=backend), gram_svd(list(z.unbind(1)), backend=backend)
     for x, y, name in zip(a, b, a._fields):
         assert_close(x, y, 0, 0, name)
+
+
+@every_backend
+def test_positional_modalities(name, device):
+    """pmrl_loss(text, video, audio), PMRLLoss()(text, video, audio) and gram_svd(text, video, audio) equal the
+    [B, M, D] and list forms, gradients included, with every option by keyword."""
+    z = random_embeddings(7, 3, 12, dtype=torch.float32, device=device)
+    skip_if_the_loss_is_refused(name, z)
+    options = dict(tau=0.1, reduction="sum", backend=name)
+    results = []
+    for form in ("tensor", "list", "positional"):
+        x = z.clone().requires_grad_()
+        views = list(x.unbind(1))
+        args = {"tensor": (x,), "list": (views,), "positional": tuple(views)}[form]
+        loss = pmrl_loss(*args, **options)
+        module = PMRLLoss(tau=0.1, reduction="sum", backend=name)(*args, output_dict=True)
+        (dz,) = torch.autograd.grad(loss + module["loss"], x)
+        results.append((loss, module["loss"], dz, *gram_svd(*args, backend=name)))
+    for other in results[1:]:
+        for a, b, what in zip(results[0], other, ("loss", "module", "dz", "S", "U", "lead")):
+            assert torch.equal(a, b), what
+
+
+WRONG_CALLS = [
+    (lambda: pmrl_loss(), TypeError, r"pmrl_loss needs the embeddings: one tensor \[B, M, D\], one sequence"),
+    (lambda: PMRLLoss()(GOOD, True), TypeError,
+     r"PMRLLoss takes the embeddings as one tensor .*positional argument 1 is a bool: pass options by keyword"),
+    (lambda: pmrl_loss(GOOD[:, 0], GOOD[:, 1], 0.1), TypeError, "positional argument 2 is a float"),
+    (lambda: gram_svd(GOOD[:, 0], GOOD[:, 1], True), TypeError, "gram_svd takes the embeddings as"),
+    (lambda: pmrl_loss(GOOD, GOOD), ValueError,
+     r"embeddings\[0\] must be a 2-D tensor \[B, D\], got shape \(4, 3, 5\); the embeddings are one tensor"),
+    (lambda: pmrl_loss([GOOD[:, 0]], GOOD[:, 1]), TypeError, "positional argument 0 is a list"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", WRONG_CALLS)
+def test_wrong_calls_name_the_accepted_forms(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
 
 
 def test_reductions_and_output_dict():
@@ -89,7 +129,7 @@ def test_module_equals_functional():
         module.config.tau = 1.0  # checked once, at construction: not changeable behind the checks
     assert_close(module(z), pmrl_loss(z, tau=0.1, tau_reg=0.2, reg_weight=0.5, reduction="sum"), 0, 0, "module")
     d = module(z, output_dict=True)
-    assert set(d) == {"loss", "align", "reg"}
+    assert set(d) == {"loss", "align", "reg", "sigma1", "against_lead", "pairwise_cos"}
 
 
 def test_non_contiguous_inputs():

@@ -48,11 +48,11 @@ def _record_products(monkeypatch):
             note(a, b, precision)
         return product(a, b, precision)
 
-    def recorded_add_product(out, a, b, precision):
+    def recorded_add_product(out, a, b, precision, first):
         note(a, b, precision)
         inside.append(True)
         try:
-            add_product(out, a, b, precision)
+            add_product(out, a, b, precision, first)
         finally:
             inside.pop()
 
@@ -61,12 +61,14 @@ def _record_products(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("one_block", [False, True], ids=["blocks_of_7_rows", "one_block"])
 @pytest.mark.parametrize("same", [True, False], ids=["rows_are_columns", "gathered_columns"])
-def test_four_gemm_equivalents_and_no_logits_past_a_block(same, monkeypatch):
-    """The docstring's work and memory: the products add up to 4 x 2 B N D flops (1 forward, 3 backward: the
-    logits recomputed, d rows, d cols) and no logits matrix holds more than BLOCK_ELEMENTS entries."""
+def test_gemm_equivalents_and_no_logits_past_a_block(same, one_block, monkeypatch):
+    """The docstring's work and memory: with several blocks the products add up to 4 x 2 B N D flops (1 forward,
+    3 backward: the logits recomputed, d rows, d cols), with one block to 3 (the forward's Q kept), and no logits
+    matrix holds more than BLOCK_ELEMENTS entries."""
     b, n, d = 40, 40 if same else 70, 24
-    monkeypatch.setattr(blocked_contrastive, "BLOCK_ELEMENTS", 7 * n)
+    monkeypatch.setattr(blocked_contrastive, "BLOCK_ELEMENTS", (b if one_block else 7) * n)
     calls = _record_products(monkeypatch)
     g = torch.Generator().manual_seed(3)
     rows = torch.randn(b, d, generator=g, device=DEVICE).requires_grad_()
@@ -74,17 +76,51 @@ def test_four_gemm_equivalents_and_no_logits_past_a_block(same, monkeypatch):
     loss = blocked_contrastive.contrastive(rows, cols, 0.5, 0 if same else 11)
     forward = len(calls)
     loss.sum().backward()
-    assert sum(2 * m * k * nn for m, k, nn, *_ in calls) == 4 * 2 * b * n * d
+    assert sum(2 * m * k * nn for m, k, nn, *_ in calls) == (3 if one_block else 4) * 2 * b * n * d
     logits = [(m, nn) for m, k, nn, *_ in calls if k == d and nn == n]  # rows_blk @ cols^T
-    assert forward == len(logits) // 2 == -(-b // 7)  # ceil(B / 7) blocks, once forward, once backward
+    blocks = 1 if one_block else -(-b // 7)  # ceil(B / 7) blocks
+    assert forward == blocks and len(logits) == (1 if one_block else 2 * blocks)  # recomputed with several
     assert max(m * nn for m, nn in logits) <= blocked_contrastive.BLOCK_ELEMENTS
+
+
+@pytest.mark.parametrize("rows_a_block", [7, 40])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradients_never_read_their_uninitialised_buffers(case, rows_a_block, monkeypatch):
+    """The backward writes each gradient before adding to it (no zero fill): with every new buffer full of NaN,
+    values and gradients still match the reference, in one block and in several."""
+    b, n = CASES[case][:2]
+    monkeypatch.setattr(blocked_contrastive, "BLOCK_ELEMENTS", rows_a_block * n)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kwargs: empty_like(t, **kwargs).fill_(float("nan")))
+    check_contrastive(blocked_contrastive.contrastive, DEVICE, *CASES[case])
+
+
+@pytest.mark.parametrize("one_block", [True, False], ids=["one_block", "blocks_of_5_rows"])
+def test_opcheck(one_block, monkeypatch):
+    """The three registered ops pass torch.library.opcheck (schema, fake tensors, autograd registration), with and
+    without the masks, with the forward's saved block and without it."""
+    monkeypatch.setattr(blocked_contrastive, "BLOCK_ELEMENTS", (12 if one_block else 5) * 20)
+    g = torch.Generator().manual_seed(6)
+    rows, cols = torch.randn(12, 8, generator=g).to(DEVICE), torch.randn(20, 8, generator=g).to(DEVICE)
+    col_labels = torch.randint(0, 4, (20,), generator=g).to(DEVICE)
+    col_valid = (torch.rand(20, generator=g) > 0.3).to(DEVICE)
+    grad = torch.randn(12, generator=g).to(DEVICE)
+    ops = torch.ops.pmrl_kernels
+    for masks in ((), (col_labels[3:15], col_labels, col_valid)):
+        _, *saved = ops.blocked_contrastive_fwd(rows, cols, 0.5, 3, "ieee", *masks)
+        sym_masks = masks and (col_labels[:12], col_labels[:12], col_valid[:12])
+        _, *sym_saved = ops.blocked_contrastive_fwd(rows, rows, 0.5, 0, "ieee", *sym_masks)
+        for op, args in ((ops.blocked_contrastive_fwd, (rows, cols, 0.5, 3, "ieee", *masks)),
+                         (ops.blocked_contrastive_bwd, (rows, cols, *saved, grad, 0.5, 3, "ieee", *masks)),
+                         (ops.blocked_contrastive_sym_bwd, (rows, *sym_saved, grad, 0.5, "ieee", *sym_masks))):
+            torch.library.opcheck(op, args)
 
 
 def test_products_run_as_torchs_matmul_would(monkeypatch):
     """IEEE or TF32 as torch's setting is when each product runs (the backend never changes it: as torch's matmul
     and its autograd); 16-bit as the forward was under autocast, also for a backward run outside autocast; autocast
-    itself off inside, so a backward run inside an autocast region does not recast (it crashed on a dtype mismatch
-    when it did)."""
+    itself off inside, so a backward run inside an autocast region does not recast (a recast would meet the
+    forward's 16-bit operands with a dtype mismatch)."""
     calls = _record_products(monkeypatch)
     rows = torch.randn(8, 16, device=DEVICE).requires_grad_()
     try:
@@ -101,7 +137,7 @@ def test_products_run_as_torchs_matmul_would(monkeypatch):
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         loss = blocked_contrastive.contrastive(rows, rows, 0.5)
     loss.sum().backward()  # outside autocast: the forward's 16-bit products again
-    assert {c[3] for c in calls} == {"bf16"} and len(calls) == 4 and not any(c[5] for c in calls)
+    assert {c[3] for c in calls} == {"bf16"} and len(calls) == 3 and not any(c[5] for c in calls)
 
 
 def test_float64_is_computed_in_float64():
@@ -122,9 +158,9 @@ def test_float64_is_computed_in_float64():
 
 
 def test_gradient_at_large_logits():
-    """Losses of ~1e5 (conftest.check_contrastive_at_large_logits): a backward that took P from a stored loss or
-    logsumexp (an ulp of 1e5 is 0.008) was off by 11 where torch's float32 softmax is off by 4e-4; P normalised by
-    its own sum meets the accuracy rule."""
+    """Losses of ~1e5 (conftest.check_contrastive_at_large_logits): P taken from a stored loss or logsumexp (an ulp
+    of 1e5 is 0.008) would be off by far more than torch's float32 softmax (4e-4 in d rows); P normalised by its
+    own sum meets the accuracy rule."""
     check_contrastive_at_large_logits(blocked_contrastive.contrastive, DEVICE)
 
 
@@ -191,6 +227,6 @@ def test_pmrl_loss_with_the_blocked_backend(monkeypatch):
         x = z.clone().requires_grad_()
         loss = pmrl_loss(x, backend=backend)
         results.append((loss, *torch.autograd.grad(loss, x)))
-        assert len(calls) == 4, backend  # the blocked run's 1 + 3 products, none from the reference's
+        assert len(calls) == 3, backend  # the blocked run's 1 + 2 products (one block), none from the reference's
     for got, exact in zip(*results):
         torch.testing.assert_close(got, exact)

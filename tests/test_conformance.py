@@ -255,13 +255,20 @@ def protocol_methods(protocol):
 
 
 def assert_follows(module, protocol):
-    """isinstance (every member present) and every member callable with the protocol's positional arguments."""
+    """isinstance (every member present) and every member callable with the protocol's positional arguments and
+    its keyword-only ones by name."""
     assert isinstance(module, protocol), f"{module.__name__} lacks a member of {protocol.__name__}"
     for method, declared in protocol_methods(protocol).items():
         wanted = list(inspect.signature(declared).parameters.values())[1:]  # without self
         params = list(inspect.signature(getattr(module, method)).parameters.values())
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         required = [p for p in positional if p.default is p.empty]
+        keywords = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        wanted_keywords = {p.name for p in wanted if p.kind == p.KEYWORD_ONLY}
+        assert wanted_keywords <= keywords, (
+            f"{module.__name__}.{method} lacks the protocol's keyword arguments {sorted(wanted_keywords - keywords)}"
+        )
+        wanted = [p for p in wanted if p.kind != p.KEYWORD_ONLY]
         assert len(required) <= len(wanted) <= len(positional), (
             f"{module.__name__}.{method}{tuple(p.name for p in params)} cannot be called as the protocol's "
             f"{method}{tuple(p.name for p in wanted)}"
@@ -293,10 +300,10 @@ def test_every_registered_module_follows_its_protocol():
             assert all(op in backends.REGISTRY[n].ops for n in names), (op, device_type, names)
 
 
-def test_auto_order_on_cuda_follows_the_h200_measurement(monkeypatch):
+def test_auto_order_on_cuda(monkeypatch):
     """On CUDA the compiled gram_eig leads up to CUDA_REGISTER_MAX_M modalities, Triton above (list and [B, M, D]
-    input alike); the contrastive term takes the blocked backend (torch.mm) first at every matmul precision,
-    where it ran 3-4x faster than Triton's kernel; the CPU keeps one order."""
+    input alike); the contrastive term takes the blocked backend (torch.mm) first at every matmul precision
+    (docs/results.md, "Contrastive term on CUDA"); the CPU keeps one order."""
     limit = backends.CUDA_REGISTER_MAX_M
     for m, first in ((2, "cuda"), (limit, "cuda"), (limit + 1, "triton"), (16, "triton")):
         z = torch.zeros(2, m, 3)
@@ -800,6 +807,178 @@ def test_contrastive_tensor_temperature_gets_its_gradient(name, device, same):
     got = grads(backends.implementations("contrastive", device)[name], torch.float32, device)
     for what, a, e, b in zip(("d tau_reg", "d rows"), got, exact, baseline):
         assert_fa_close(a.cpu(), e, b, what, fa_atol(torch.float32))
+
+
+def masked_infonce(rows, cols, tau_reg, offset, row_labels, col_labels, col_valid):
+    """The contrastive op's contract written out (not terms.contrastive): -l_it + log sum_{j kept} exp(l_ij) with
+    kept = {t} U {j : col_labels[j] != row_labels[i] and col_valid[j]}, t = offset + i."""
+    logits = rows @ cols.T / tau_reg
+    b, n = logits.shape
+    i = torch.arange(b)
+    keep = torch.ones(b, n, dtype=torch.bool)
+    if row_labels is not None:
+        keep &= row_labels.cpu()[:, None] != col_labels.cpu()[None, :]
+    if col_valid is not None:
+        keep &= col_valid.cpu()[None, :]
+    keep[i, offset + i] = True
+    return torch.logsumexp(logits.masked_fill(~keep, -float("inf")), 1) - logits[i, offset + i]
+
+
+# name: (B, N, D, cols are the rows, offset, tau_reg, labels, col_valid). B and N of 37, 70, 83 leave partial
+# Triton tiles (blocks of 16 to 64); tau_reg 1e-3 on unit rows gives logits of up to 1000.
+MASK_CASES = {
+    "duplicate_labels": (40, 40, 24, True, 0, 0.5, "duplicates", False),
+    "duplicate_labels_gathered": (37, 83, 24, False, 29, 0.5, "duplicates", False),
+    "excluded_columns": (37, 83, 24, False, 11, 0.5, None, True),
+    "excluded_columns_self": (40, 40, 24, True, 0, 0.5, None, True),
+    "both_gathered": (70, 83, 20, False, 13, 0.5, "duplicates", True),
+    "both_self": (70, 70, 20, True, 0, 0.5, "duplicates", True),
+    "all_equal_labels": (37, 83, 24, False, 29, 0.5, "equal", True),
+    "large_logits": (37, 83, 16, False, 29, 1e-3, "duplicates", True),
+    "large_logits_self": (40, 40, 16, True, 0, 1e-3, "duplicates", True),
+}
+
+
+def mask_inputs(b, n, d, same, offset, labels, valid, seed):
+    """Unit rows and columns (float64, CPU), labels from 5 values (most columns share a row's label), equal
+    labels, or none, and col_valid with about a third of the columns excluded (some rows' targets among them)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
+    cols = rows if same else torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    col_labels = {"duplicates": torch.randint(0, 5, (n,), generator=g), "equal": torch.full((n,), 3),
+                  None: None}[labels]
+    row_labels = None if col_labels is None else col_labels[offset:offset + b].clone()
+    col_valid = torch.rand(n, generator=g) > 0.35 if valid else None
+    if valid:
+        assert not col_valid[offset:offset + b].all() and col_valid.any(), "the test needs excluded targets"
+    if labels == "duplicates":
+        shared = (row_labels[:, None] == col_labels[None, :]).sum(1)
+        assert (shared > 1).float().mean() > 0.5, "the test needs duplicates"
+    return rows, cols, {"row_labels": row_labels, "col_labels": col_labels, "col_valid": col_valid}
+
+
+def run_masked(fn, rows, cols, same, tau_reg, offset, masks, weights, dtype, device, tensor_tau):
+    """(loss, d rows, d cols or None, d tau_reg or None) of fn at `dtype` on `device`, for the loss weighted by
+    `weights` (the reduction is the caller's)."""
+    r = rows.to(device, dtype).requires_grad_()
+    c = r if same else cols.to(device, dtype).requires_grad_()
+    tau = torch.tensor(tau_reg, dtype=dtype, device=device, requires_grad=True) if tensor_tau else tau_reg
+    moved = {k: None if v is None else v.to(device) for k, v in masks.items()}
+    loss = fn(r, c, tau, offset, **moved)
+    wrt = [r] + ([] if same else [c]) + ([tau] if tensor_tau else [])
+    grads = list(torch.autograd.grad((loss * weights.to(device, dtype)).sum(), wrt))
+    return loss, grads.pop(0), None if same else grads.pop(0), grads.pop(0) if tensor_tau else None
+
+
+def plain_masked(rows, cols, tau_reg, offset, **masks):
+    return masked_infonce(rows, cols, tau_reg, offset, masks["row_labels"], masks["col_labels"], masks["col_valid"])
+
+
+def contrastive_impl(name, device, dtype):
+    """Backend `name`'s contrastive op; skips (naming the reason) when it refuses `dtype`: test_contrastive_dtype_
+    support checks the refusals."""
+    probe = torch.empty(2, 2, dtype=dtype, device=device)
+    reason = backends.unsupported_reason("contrastive", name, (probe, probe))
+    if reason is not None:
+        pytest.skip(f"{name} refuses this input: {reason}")
+    return backends.implementations("contrastive", device)[name]
+
+
+@pytest.mark.parametrize("tensor_tau", [False, True], ids=["float_tau", "tensor_tau"])
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float64))
+@pytest.mark.parametrize("case", list(MASK_CASES))
+@every_contrastive_backend
+def test_contrastive_masks_match_the_contract(name, device, case, dtype, tensor_tau):
+    """row_labels / col_labels and col_valid (backends.ContrastiveModule): loss and the gradients of rows, cols
+    and a tensor tau_reg against float64 autograd of the contract written out (masked_infonce), by the accuracy
+    rule with masked_infonce in the backend's dtype as the baseline; upstream gradient random."""
+    b, n, d, same, offset, tau_reg, labels, valid = MASK_CASES[case]
+    fn = contrastive_impl(name, device, dtype)
+    rows, cols, masks = mask_inputs(b, n, d, same, offset, labels, valid, seed=b * n + d)
+    weights = torch.randn(b, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    args = (rows, cols, same, tau_reg, offset, masks, weights)
+    got = run_masked(fn, *args, dtype, device, tensor_tau)
+    exact = run_masked(plain_masked, *args, torch.float64, "cpu", tensor_tau)
+    base = run_masked(plain_masked, *args, dtype, "cpu", tensor_tau)
+    assert got[0].dtype == compute_dtype(dtype) or got[0].dtype == torch.float32
+    for what, a, e, bl in zip(("loss", "d rows", "d cols", "d tau_reg"), got, exact, base):
+        if e is not None:
+            assert_fa_close(a.cpu(), e, bl, what, fa_atol(got[0].dtype))
+    if labels == "equal":  # every row keeps only its target: loss and gradients exactly 0
+        for what, a in zip(("loss", "d rows", "d cols", "d tau_reg"), got):
+            assert a is None or not a.any(), what
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["rows_are_columns", "gathered_columns"])
+@every_contrastive_backend
+def test_contrastive_unique_labels_change_nothing(name, device, same):
+    """Labels that no two columns share remove nothing: loss and gradients bit for bit those without labels (and
+    with every column valid), so the masked path computes exactly what the unmasked one does."""
+    b, n, offset = (37, 37, 0) if same else (37, 83, 29)
+    rows, cols, _ = mask_inputs(b, n, 24, same, offset, None, False, seed=3)
+    col_labels = torch.randperm(n, generator=torch.Generator().manual_seed(4)) * 7
+    masks = {"row_labels": col_labels[offset:offset + b].clone(), "col_labels": col_labels,
+             "col_valid": torch.ones(n, dtype=torch.bool)}
+    none = dict.fromkeys(masks)
+    weights = torch.randn(b, dtype=torch.float64)
+    fn = contrastive_impl(name, device, torch.float32)
+    for tensor_tau in (False, True):
+        plain = run_masked(fn, rows, cols, same, 0.3, offset, none, weights, torch.float32, device, tensor_tau)
+        for kept in ({"row_labels", "col_labels"}, {"col_valid"}, set(masks)):
+            given = {k: (v if k in kept else None) for k, v in masks.items()}
+            out = run_masked(fn, rows, cols, same, 0.3, offset, given, weights, torch.float32, device, tensor_tau)
+            for what, a, e in zip(("loss", "d rows", "d cols", "d tau_reg"), out, plain):
+                assert (a is None and e is None) or torch.equal(a, e), f"{sorted(kept)}, tau {tensor_tau}: {what}"
+
+
+@every_contrastive_backend
+def test_contrastive_masks_are_checked(name, device):
+    """Masks of the wrong type, dtype, shape or device, or labels without their other half: a TypeError or
+    ValueError naming the argument, before any kernel runs."""
+    fn = backends.implementations("contrastive", device)[name]
+    rows, cols = torch.randn(4, 8, device=device), torch.randn(6, 8, device=device)
+    labels = torch.zeros(6, dtype=torch.int64, device=device)
+    bad = [
+        (ValueError, "row_labels and col_labels", {"col_labels": labels}),
+        (ValueError, "row_labels and col_labels", {"row_labels": labels[:4]}),
+        (TypeError, "row_labels", {"row_labels": [0, 0, 0, 0], "col_labels": labels}),
+        (TypeError, "col_labels", {"row_labels": labels[:4], "col_labels": labels.int()}),
+        (ValueError, "row_labels", {"row_labels": labels, "col_labels": labels}),
+        (ValueError, "col_labels", {"row_labels": labels[:4], "col_labels": labels[:5]}),
+        (TypeError, "col_valid", {"col_valid": labels}),
+        (ValueError, "col_valid", {"col_valid": torch.ones(6, 1, dtype=torch.bool, device=device)}),
+        (ValueError, "col_valid", {"col_valid": torch.ones(6, dtype=torch.bool, device="meta")}),
+    ]
+    for error, argument, masks in bad:
+        with pytest.raises(error, match=argument):
+            fn(rows, cols, 0.5, 1, **masks)
+
+
+@every_contrastive_backend
+def test_contrastive_masks_compile_fullgraph(name, device):
+    """The masks trace with torch.compile(fullgraph=True) (never read on the host): values and gradients as
+    eager, through the symmetric path (rows are the columns) and the gathered one."""
+    if interpreted(name, device):
+        pytest.skip("Triton's interpreter cannot run on the fake tensors torch.compile traces with")
+    torch._dynamo.reset()
+    fn = backends.implementations("contrastive", device)[name]
+    rows, cols, masks = mask_inputs(24, 40, 16, False, 9, "duplicates", True, seed=5)
+    masks = {k: v.to(device) for k, v in masks.items()}
+    rows, cols = rows.float().to(device), cols.float().to(device)
+
+    def loss(r, c, tau):
+        return (fn(r, c, tau, 9, **masks).sum() + fn(r, r, tau, 0, row_labels=masks["row_labels"],
+                                                      col_labels=masks["row_labels"]).sum())
+
+    compiled = torch.compile(loss, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    results = []
+    for f in (loss, compiled):
+        r, c = rows.clone().requires_grad_(), cols.clone().requires_grad_()
+        tau = torch.tensor(0.4, device=device, requires_grad=True)
+        value = f(r, c, tau)
+        results.append((value.detach(), *torch.autograd.grad(value, (r, c, tau))))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- GPU sizes

@@ -6,7 +6,8 @@ single-process values: mean over ranks of the loss == single-process loss, gradi
 world_size * single-process gradient ("mean" and "sum"); "none" rows == the single-process rows. Also: an
 explicit process_group reaches the gather (a group of both ranks gives the same, a group of one rank the loss
 of its own batch), tensor temperatures and the learned tau_reg get the single-process gradient on average over
-the ranks (DDP's average), and the default PMRLLoss computes on the local batch.
+the ranks (DDP's average), the default PMRLLoss computes on the local batch, and a modality mask and labels
+(gathered, so global) give the single-process masked loss.
 """
 import os
 import socket
@@ -30,6 +31,12 @@ KERNEL_BACKENDS = [b for b in available_backends() if b != "reference"]
 # "none" is reduced by a fixed weighting so its gradient exercises the gather's backward too
 NONE_WEIGHTS_SEED = 7
 TEMPERATURES = {"tau": 0.05, "tau_reg": 0.1}
+LOSS_PARTS = ("loss", "align", "reg")  # the diagnostics are each rank's own batch's
+# rank 0 holds rows 0-2, rank 1 rows 3-7: an instance with nothing present and one with one view on each rank,
+# and labels shared across the ranks (0 and 6, 2 and 3) and within a rank (4 and 7)
+PRESENT = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 0], [1, 1, 0], [1, 1, 1]],
+                       dtype=torch.bool)
+LABELS = torch.tensor([1, 0, 2, 2, 3, 4, 1, 3])
 
 
 def full_batch() -> torch.Tensor:
@@ -43,22 +50,25 @@ def none_weights() -> torch.Tensor:
 
 
 def run_loss(z: torch.Tensor, rows: slice, reduction: str, reg_weight: float, gather: bool, backend="reference",
-             **kwargs):
+             masked=False, **kwargs):
     """(loss parts, gradient on z[rows]) of the loss on z[rows]; "none" is differentiated through a weighted
-    sum, with the weights of those rows. kwargs go to PMRLLoss."""
+    sum, with the weights of those rows. masked: with the rows of PRESENT and LABELS. kwargs go to PMRLLoss."""
     x = z[rows].clone().requires_grad_(True)
     fn = PMRLLoss(reduction=reduction, reg_weight=reg_weight, backend=backend, gather_with_grad=gather, **kwargs)
-    parts = fn(x, output_dict=True)
+    parts = fn(x, present=PRESENT[rows], labels=LABELS[rows], output_dict=True) if masked else fn(x, output_dict=True)
     scalar = (parts["loss"] * none_weights()[rows].to(x.dtype)).sum() if reduction == "none" else parts["loss"]
     scalar.backward()
     return {k: v.detach() for k, v in parts.items()}, x.grad
 
 
-def temperature_grads(z: torch.Tensor, rows: slice, gather: bool, backend="reference", group=None):
-    """(loss, {"tau", "tau_reg": gradient}, gradient on z[rows]) with the temperatures as tensors."""
+def temperature_grads(z: torch.Tensor, rows: slice, gather: bool, backend="reference", group=None,
+                      reduction="mean"):
+    """(loss, {"tau", "tau_reg": gradient}, gradient on z[rows]) with the temperatures as tensors; "none" is
+    differentiated through the sum of its rows."""
     x = z[rows].clone().requires_grad_(True)
     temps = {k: torch.tensor(v, dtype=z.dtype, requires_grad=True) for k, v in TEMPERATURES.items()}
-    loss = PMRLLoss(**temps, backend=backend, gather_with_grad=gather, process_group=group)(x)
+    loss = PMRLLoss(**temps, backend=backend, reduction=reduction, gather_with_grad=gather, process_group=group)(x)
+    loss = loss.sum() if reduction == "none" else loss
     loss.backward()
     return loss.detach(), {k: t.grad for k, t in temps.items()}, x.grad
 
@@ -83,6 +93,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             results.update({(impl, *cfg): run_loss(full_batch(), rows, *cfg, gather=True) for cfg in CONFIGS})
         for backend in KERNEL_BACKENDS:
             results[backend] = run_loss(full_batch().float(), rows, "mean", 1.0, gather=True, backend=backend)
+            results["masked", backend] = run_loss(full_batch().float(), rows, "mean", 1.0, gather=True,
+                                                  backend=backend, masked=True)
+        for reduction in ("mean", "sum", "none"):
+            results["masked", reduction] = run_loss(full_batch(), rows, reduction, 1.0, gather=True, masked=True)
         # torch.distributed.nn's backward on gloo takes group ranks for global ones (torch 2.13), which a group
         # of rank 1 alone exposes: the group runs use the functional collectives
         distributed._functional_all_gather = GATHERS["functional"]
@@ -99,6 +113,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         for backend in available_backends("cpu"):
             z = full_batch() if backend == "reference" else full_batch().float()
             results["temperatures", backend] = temperature_grads(z, rows, gather=True, backend=backend, group=pair)
+        results["temperatures", "none"] = temperature_grads(full_batch(), rows, gather=True, group=pair,
+                                                            reduction="none")
         results["learned"] = learned_grad(full_batch(), rows, pair)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -125,7 +141,7 @@ def rank_results(tmp_path_factory):
     outputs = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=120)[0])
+            outputs.append(p.communicate()[0])
     finally:
         for p in procs:
             p.kill()  # no-op for a process that has exited; never leave a rank waiting on a dead peer
@@ -139,7 +155,8 @@ def rank_results(tmp_path_factory):
 def test_matches_single_process(rank_results, impl, reduction, reg_weight):
     cfg = (impl, reduction, reg_weight)
     single_parts, single_grad = run_loss(full_batch(), slice(None), reduction, reg_weight, gather=False)
-    for name, single in single_parts.items():
+    for name in LOSS_PARTS:
+        single = single_parts[name]
         per_rank = [res[cfg][0][name] for res in rank_results]
         if reduction == "none":
             torch.testing.assert_close(torch.cat(per_rank), single, rtol=1e-12, atol=1e-12, msg=name)
@@ -157,6 +174,40 @@ def test_kernel_backends(rank_results, backend):
     loss = torch.stack([res[backend][0]["loss"] for res in rank_results]).mean()
     torch.testing.assert_close(loss, single_loss["loss"], rtol=1e-5, atol=1e-6)
     grads = torch.cat([res[backend][1] for res in rank_results])
+    torch.testing.assert_close(grads, WORLD * single_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_masked_and_labelled_batch_matches_single_process(rank_results, reduction):
+    """present and labels are gathered: every rank's empty instances are no negatives and are left out of the
+    global mean, every rank's same-label instances are no negatives; the diagnostics are the rank's own."""
+    single_parts, single_grad = run_loss(full_batch(), slice(None), reduction, 1.0, gather=False, masked=True)
+    for name in LOSS_PARTS:
+        per_rank = [res["masked", reduction][0][name] for res in rank_results]
+        got = torch.cat(per_rank) if reduction == "none" else torch.stack(per_rank).mean()
+        torch.testing.assert_close(got, single_parts[name], rtol=1e-12, atol=1e-12, msg=name)
+    scale = 1 if reduction == "none" else WORLD
+    grads = torch.cat([res["masked", reduction][1] for res in rank_results])
+    torch.testing.assert_close(grads, scale * single_grad, rtol=1e-10, atol=1e-12)
+    assert (grads[~PRESENT] == 0).all()
+    for r, res in enumerate(rank_results):
+        start = sum(SIZES[:r])
+        local_parts, _ = run_loss(full_batch(), slice(start, start + SIZES[r]), reduction, 1.0, gather=False,
+                                  masked=True)
+        for name in ("sigma1", "against_lead", "pairwise_cos"):
+            torch.testing.assert_close(res["masked", reduction][0][name], local_parts[name], rtol=0, atol=0)
+    labelled = PMRLLoss(reduction="none")(full_batch(), present=PRESENT, labels=LABELS)
+    unlabelled = PMRLLoss(reduction="none")(full_batch(), present=PRESENT)
+    assert labelled[6] < unlabelled[6]  # row 6's label-mate, on the other rank, is a negative without labels
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_masked_kernel_backends(rank_results, backend):
+    single, single_grad = run_loss(full_batch().float(), slice(None), "mean", 1.0, gather=False, backend=backend,
+                                   masked=True)
+    loss = torch.stack([res["masked", backend][0]["loss"] for res in rank_results]).mean()
+    torch.testing.assert_close(loss, single["loss"], rtol=1e-5, atol=1e-6)
+    grads = torch.cat([res["masked", backend][1] for res in rank_results])
     torch.testing.assert_close(grads, WORLD * single_grad, rtol=1e-4, atol=1e-6)
 
 
@@ -200,6 +251,19 @@ def test_temperature_gradients_through_the_gather(rank_results, backend):
         torch.testing.assert_close(torch.stack([temps[name] for _, temps, _ in per_rank]).mean(), single, **tol,
                                    msg=name)
     torch.testing.assert_close(torch.cat([grad for _, _, grad in per_rank]), WORLD * single_grad, **tol)
+
+
+def test_temperature_gradients_of_unreduced_rows_add_up(rank_results):
+    """With reduction="none" each rank returns its rows of the single-process output, so the temperature gradients
+    of the ranks' summed rows add up (not average) to the single-process gradient of the summed rows."""
+    single_loss, single_temps, _ = temperature_grads(full_batch(), slice(None), gather=False, reduction="none")
+    per_rank = [res["temperatures", "none"] for res in rank_results]
+    torch.testing.assert_close(torch.stack([loss for loss, _, _ in per_rank]).sum(), single_loss, rtol=1e-12,
+                               atol=1e-12)
+    for name, single in single_temps.items():
+        torch.testing.assert_close(torch.stack([temps[name] for _, temps, _ in per_rank]).sum(), single,
+                                   rtol=1e-10, atol=1e-12, msg=name)
+        assert not torch.allclose(torch.stack([temps[name] for _, temps, _ in per_rank]).mean(), single), name
 
 
 def test_learned_tau_reg_under_ddp(rank_results):
