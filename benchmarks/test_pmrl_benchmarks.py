@@ -5,7 +5,7 @@ On demand, not part of the test suite (pyproject's testpaths is tests/):
     python -m pytest benchmarks/ --benchmark-only [--benchmark-json out.json]
     PMRL_BENCH_SIZES="B=1024,16384;M=4;D=256" PMRL_BENCH_DTYPE=bfloat16 python -m pytest benchmarks/ -k align
 
-Defaults: the issue-3 reference case B=16384, M=4, D=256, float32, on CUDA when present. A case over the memory
+Defaults: the reference case B=16384, M=4, D=256, float32, on CUDA when present. A case over the memory
 budget of the bench (a third of free RAM, 90% of free GPU memory) is skipped, as the bench reports "OOM-skip".
 """
 import functools
@@ -42,7 +42,7 @@ def _sync():
 
 
 @pytest.mark.parametrize(
-    "case", CASES, ids=lambda c: f"{c.target}-{c.mode}-{c.provider}-{c.dtype}-B{c.B}-M{c.M}-D{c.D}"
+    "case", CASES, ids=lambda c: f"{c.target}-{c.mode}-{c.provider}-{c.precision}-{c.dtype}-B{c.B}-M{c.M}-D{c.D}"
 )
 def test_pmrl(benchmark, case):
     try:
@@ -59,6 +59,6 @@ def test_pmrl(benchmark, case):
         fn(arg)
         _sync()
 
-    benchmark.group = f"{case.target}-{case.mode}-{case.dtype}-B{case.B}-M{case.M}-D{case.D}"
+    benchmark.group = f"{case.target}-{case.mode}-{case.precision}-{case.dtype}-B{case.B}-M{case.M}-D{case.D}"
     benchmark.extra_info.update(provider=case.provider, device=machine.device_name(DEVICE), torch=torch.__version__)
     benchmark.pedantic(timed, setup=timed_setup, rounds=ROUNDS, warmup_rounds=1)

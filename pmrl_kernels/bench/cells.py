@@ -1,7 +1,8 @@
-"""What one benchmark cell is: a Case (target, provider, mode, size), the inputs every provider of a size shares,
-the call each mode times, and Skip, how a cell that cannot run says so."""
+"""What one benchmark cell is: a Case (target, provider, mode, size, matmul precision), the inputs every provider
+of a size shares, the call each mode times, and Skip, how a cell that cannot run says so."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +14,8 @@ from ..inputs import compute_dtype
 MODES = ("forward", "backward", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+# how float32 matmuls run: IEEE ("highest"), TF32 ("high"), or bfloat16 operands under autocast
+PRECISIONS = ("highest", "tf32", "bf16")
 
 # inputs -> tuple of differentiable outputs; the inputs are the make_inputs entry the target takes
 Forward = Callable[[list[torch.Tensor]], tuple]
@@ -27,6 +30,7 @@ class Case:
     B: int
     M: int
     D: int
+    precision: str = "highest"
 
 
 def compute_size(case: Case) -> int:
@@ -45,6 +49,18 @@ def make_inputs(dtype: str, b: int, m: int, d: int, device: torch.device, seed: 
     zs = [torch.randn(b, d, generator=gen, device=device, dtype=dt).requires_grad_() for _ in range(m)]
     lead = F.normalize(torch.randn(b, d, generator=gen, device=device, dtype=compute_dtype(dt)), dim=-1)
     return {"z": zs, "lead": [lead.requires_grad_()]}
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str, device_type: str):
+    """float32 matmuls in `precision` (PRECISIONS) inside the block, torch's setting restored after it."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def callables(forward: Forward, inputs: list[torch.Tensor], mode: str):

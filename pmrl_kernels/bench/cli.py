@@ -15,9 +15,9 @@ import torch
 
 from .. import backends
 from . import targets
-from .cells import DTYPE_ALIASES, DTYPES, MODES
+from .cells import DTYPE_ALIASES, DTYPES, MODES, PRECISIONS
 from .machine import metadata
-from .providers import BASE_PROVIDERS, provides
+from .providers import BASE_PROVIDERS, VARIANTS, available_variants, provides
 from . import summary
 from .report import FIELDS, finish_rows, table, write_files
 from .sweep import build_cases, memory_budget, run, warn_if_loaded
@@ -36,14 +36,22 @@ FULL_GRID = {
     + [("float32", 16384, m, 512) for m in (2, 8, 16)]
     + [("float32", 16384, 4, d) for d in (128, 2048)],
 }
-# the default run: the B sweep and one bfloat16 point on CPU, about 2 minutes on 2 idle cores (README)
+# the default run: the B sweep, forward and backward together, about 2-3 minutes on 2 idle CPU cores
 DEFAULT_GRID = {
-    "cpu": [("float32", b, 4, 256) for b in (256, 1024, 4096, 16384)] + [("bfloat16", 1024, 4, 256)],
-    "cuda": FULL_GRID["cuda"],
+    "cpu": [("float32", b, 4, 256) for b in (256, 1024, 4096)],
+    "cuda": [("float32", b, 4, 512) for b in (1024, 4096, 16384, 65536)],
 }
+DEFAULT_MODES = ("full",)  # --full and --quick: every mode
 QUICK_GRID = [("float32", b, 4, 64) for b in (256, 1024)]
 RESULTS_ROOT = "pmrl-bench-results"  # the default run writes into RESULTS_ROOT/<device>-<time>/
+# what --load needs of a row; the fields a row of an older bench lacks read as LOAD_DEFAULTS, else None
+REQUIRED = ("target", "mode", "provider", "dtype", "B", "M", "D", "state", "median_ms", "p20_ms", "p80_ms")
+LOAD_DEFAULTS = {"precision": "highest"}
 FILES = {"json": "rows.json", "csv": "rows.csv", "plot": "plot.png", "text": "report.txt"}
+# providers a run takes only when --providers names them: on the CPU Triton runs in its interpreter (a correctness
+# path) and torch.compile spends a minute compiling each cell
+NAMED_ONLY = {"cpu": ("triton", "compiled")}
+INTERRUPTED = 130  # the exit status of a run interrupted (SIGINT) after it wrote the cells it measured
 TIME_LIMIT_S = 1.0  # per call; slower cells are reported as timeouts and larger B is not tried
 
 
@@ -76,25 +84,30 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pmrl-bench",
         description="Time and memory of the PMRL loss: this package's backends against the published recipe, "
-                    "torch.linalg.svd and the best torch composition, side by side in one run. The default run "
-                    "takes about 2 minutes on 2 idle CPU cores and writes its table, JSON, CSV and plot into "
+                    "torch.linalg.svd and the torch composition (eager and compiled), side by side in one run. The "
+                    "default run (forward and backward together, B up to 4096) takes about 2-3 minutes on 2 idle CPU "
+                    "cores and writes its table, JSON, CSV and plot into "
                     f"{RESULTS_ROOT}/<device>-<time>/. Same as `python -m pmrl_kernels.bench`.",
         epilog='example: pmrl-bench --sizes "B=1024,4096;M=4;D=256" --targets align,gram_svd --modes full '
                "--out my-results",
     )
     p.add_argument("--sizes", help='grid "B=..;M=..;D=.." (comma lists; a missing key keeps the default sweep\'s B '
                                    "values or M=4, D=256 on CPU / D=512 on CUDA)")
-    p.add_argument("--providers", help="comma list (default: all that run here): "
-                   + ", ".join(list(BASE_PROVIDERS) + list(backends.REGISTRY)))
+    p.add_argument("--providers", help="comma list (default: all that run here, but triton and compiled on CPU): "
+                   + ", ".join(list(BASE_PROVIDERS) + list(backends.REGISTRY) + list(VARIANTS)))
     p.add_argument("--targets", default=",".join(targets.TARGETS),
                    help=f"comma list of {', '.join(targets.TARGETS)}")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--modes", help=f"comma list of {', '.join(MODES)} (default: full; every mode with --full "
+                                   "or --quick)")
+    p.add_argument("--precisions", help=f"comma list of {', '.join(PRECISIONS)}: how the float32 matmuls of the "
+                                        "loss and contrastive targets run (IEEE, TF32, bfloat16 autocast; default: "
+                                        "all three on CUDA, highest on CPU)")
     p.add_argument("--dtype", help=f"comma list of {', '.join(DTYPES)} (or fp32, bf16, fp16, fp64) for every size "
                                    "(default: the sweep's own; float32 with --sizes)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="a few small sizes, 3 timed calls: a smoke run")
-    p.add_argument("--full", action="store_true", help="the full sweep: on CPU also M = 2, 8 and D = 64, 512 (several "
-                                                       "minutes on 2 CPU cores)")
+    p.add_argument("--full", action="store_true", help="every mode, and on CPU also B = 16384, M = 2, 8, D = 64, 512 "
+                                                       "and bfloat16 (over 10 minutes on 2 CPU cores)")
     p.add_argument("--repeats", type=int, help="timed calls per cell at most (default 10 CPU, 25 CUDA; 3 quick)")
     p.add_argument("--time-limit", type=float, default=TIME_LIMIT_S, help="seconds a call may take (default 1)")
     p.add_argument("--mem-budget", type=float, help="GiB a cell may use (default: a third of free RAM on CPU, "
@@ -145,8 +158,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 rows = json.load(f)
         except (OSError, ValueError) as err:
             parser.error(f"--load: cannot read {args.load}: {err}")
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and set(FIELDS) <= set(r) for r in rows):
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and set(REQUIRED) <= set(r) for r in rows):
             parser.error(f"--load: {args.load} is not the --json output of this bench")
+        rows = [{f: {**LOAD_DEFAULTS, **r}.get(f) for f in FIELDS} for r in rows]
         _finish(args, rows, None, save_by_default=False)
         return 0
     if args.quick and args.full:
@@ -164,23 +178,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 25 if device.type == "cuda" else 10)
 
-    here = list(BASE_PROVIDERS) + backends.available_backends(device.type)
+    here = list(BASE_PROVIDERS) + backends.available_backends(device.type) + available_variants(device.type)
     if args.providers:
-        providers = _names(parser, args.providers, list(BASE_PROVIDERS) + list(backends.REGISTRY), "providers")
+        providers = _names(parser, args.providers, list(BASE_PROVIDERS) + list(backends.REGISTRY) + list(VARIANTS),
+                           "providers")
         missing = [p for p in providers if p not in here]
         if missing:
             parser.error(f"--providers: {missing} not available on {device.type} here; "
                          f"available: {', '.join(here)}")
     else:
-        providers = here
+        providers = [p for p in here if p not in NAMED_ONLY.get(device.type, ())]
     target_names = _names(parser, args.targets, list(targets.TARGETS), "targets")
+    if args.modes is None:
+        args.modes = ",".join(MODES if args.full or args.quick else DEFAULT_MODES)
     modes = _names(parser, args.modes, MODES, "modes")
     grid = _grid(args, parser, device.type)
+    default_precisions = PRECISIONS if device.type == "cuda" else ("highest",)
+    precisions = _names(parser, args.precisions or ",".join(default_precisions), PRECISIONS, "precisions")
 
     timer = Timer(device)
     meta = metadata(device, timer)
-    warn_if_loaded(device, meta["load_avg"])
-    cases = build_cases(grid, target_names, modes, providers, device.type)
+    warn_if_loaded(meta)
+    cases = build_cases(grid, target_names, modes, providers, device.type, precisions)
     if not cases:
         computes = "; ".join(
             f"{p} computes "
@@ -192,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = run(cases, device, timer, repeats=repeats, time_limit=args.time_limit,
                budget_bytes=memory_budget(device, args.mem_budget), progress=not args.no_progress)
     _finish(args, finish_rows(rows, meta), time.perf_counter() - t0, save_by_default=True)
-    return 0
+    return 0 if len(rows) == len(cases) else INTERRUPTED
 
 
 def results_folder(device: str, when: Optional[time.struct_time] = None) -> Path:

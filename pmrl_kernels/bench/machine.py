@@ -1,4 +1,4 @@
-"""Where and what ran: the device's name, the commit, the versions, written on every row."""
+"""Where and what ran: the device's name, its load, the commit, the versions, written on every row."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -26,14 +26,26 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> Optional[str]:
-    root = Path(__file__).resolve().parents[2]  # the checkout holding pmrl_kernels/bench/
+    """HEAD of the checkout holding this package ("-dirty": uncommitted changes), or None when it is installed
+    from a wheel or git is missing."""
+    root = Path(__file__).resolve().parents[2]
+    git = ["git", "-c", f"safe.directory={root}"]  # a checkout owned by another user is still read
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        top = subprocess.run(git + ["rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.split()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    if len(top) != 2 or Path(top[0]).resolve() != root:  # site-packages inside some other repository
+        return None
+    return top[1] + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def loaded(device_type: str, load_avg: float) -> bool:
+    """Whether other work competes for the CPU: it preempts torch's OpenMP threads, and times grow erratically,
+    up to 100x."""
+    return device_type == "cpu" and load_avg > 0.5 * (os.cpu_count() or 1)
 
 
 def version_of(package: str) -> Optional[str]:
@@ -45,10 +57,11 @@ def version_of(package: str) -> Optional[str]:
 
 def metadata(device: torch.device, timer: Timer) -> dict:
     """The run's fields of every row."""
+    load_avg = os.getloadavg()[0]
     return {
         "device": device_name(device), "device_type": device.type, "copy_gbps": timer.copy_gbps(),
         "memory_method": timer.memory_method, "timer": timer.timer, "threads": torch.get_num_threads(),
-        "load_avg": os.getloadavg()[0],
+        "load_avg": load_avg, "loaded": loaded(device.type, load_avg),
         "torch": torch.__version__, "triton": version_of("triton"), "python": platform.python_version(),
-        "commit": git_commit(),
+        "commit": git_commit(), "version": version_of("pmrl_kernels"),
     }

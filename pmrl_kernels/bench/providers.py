@@ -1,77 +1,66 @@
 """The providers: who computes a target, and with what.
 
-Baselines: the published recipe (full SVD), torch.linalg.svd reduced, torch.linalg.svdvals and the best torch
-composition (Gram by bmm + torch.linalg.eigh, autograd). Each is a spectrum (S and lead of the inputs) that a
-target's record turns into its outputs; the recipe also has its own whole loss. Every baseline gets the M separate
-[B, D] tensors (what M encoders produce), so the stacking the SVD/Gram compositions need is part of their cost;
-their linear algebra runs in float32 for 16-bit inputs, as autocast would.
-
-Backends: every backend of the registry (pmrl_kernels.backends) on the device, asked per op: a backend provides a
-target when it implements one of the target's ops with code of its own, and a cell is skipped when an op it names
-refuses the cell's inputs.
+Baselines (baseline_code.py): the published recipe (full SVD), torch.linalg.svd reduced, torch.linalg.svdvals,
+the torch composition (Gram by bmm + torch.linalg.eigh, autograd) and the same under torch.compile. Backends:
+every backend of the registry (pmrl_kernels.backends) on the device, and VARIANTS (a backend with a knob set),
+asked per op: a backend provides a target when it implements one of the target's ops with code of its own, and a
+cell is skipped when an op it names refuses the cell's inputs.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Mapping, Optional
 
-import torch
-import torch.nn.functional as F
-
-from .. import backends, reference, terms
-from ..baselines import official_recipe_loss
-from ..config import DEFAULTS
-from ..inputs import compute_dtype
+from .. import backends, terms
 from .cells import Case, Forward, compute_size
+from .targets import Target
 
-if TYPE_CHECKING:
-    from .targets import Target
-
-BASE_PROVIDERS = ("recipe", "svd", "svdvals", "torch")
+BASE_PROVIDERS = ("recipe", "svd", "svdvals", "torch", "compiled")
 BASELINES = ("recipe", "svd", "torch")  # speedup columns
+COMPILING = ("compiled",)  # compile on their first call: every device gives them an untimed cold call
 
 
-# --- the baselines' spectra: (S [B, M], lead [B, D] or None) ------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """A registry backend with a knob set: the environment around each of its cells (read at each launch)."""
 
-def _recipe_stack(zs: list[torch.Tensor]) -> torch.Tensor:
-    """[B, D, M] of the normalised rows, as the published code stacks them."""
-    cd = compute_dtype(zs[0].dtype)
-    return torch.stack([F.normalize(z.to(cd), dim=-1) for z in zs], dim=-1)
-
-
-def _svd_spectrum(zs, full_matrices: bool):
-    u, s, _ = torch.linalg.svd(_recipe_stack(zs), full_matrices=full_matrices)
-    return s, u[..., 0]
+    backend: str
+    env: Mapping[str, str]
+    legend: str
 
 
-def recipe_spectrum(zs):
-    return _svd_spectrum(zs, full_matrices=True)
+VARIANTS = {
+    "cuda-8-lanes": Variant("cuda", {"PMRL_CUDA_MAX_LANES": "8"},
+                            "the cuda backend at 8 lanes an instance (PMRL_CUDA_MAX_LANES=8), 4 instances a warp"),
+}
 
 
-def svd_spectrum(zs):
-    return _svd_spectrum(zs, full_matrices=False)
+def backend_of(provider: str) -> str:
+    """The registry backend a backend provider runs (a variant's, or its own name)."""
+    return VARIANTS[provider].backend if provider in VARIANTS else provider
 
 
-def svdvals_spectrum(zs):
-    return torch.linalg.svdvals(_recipe_stack(zs)), None
+def available_variants(device_type: str) -> list[str]:
+    here = backends.available_backends(device_type)
+    return [name for name, variant in VARIANTS.items() if variant.backend in here]
 
 
-def torch_spectrum(zs):
-    zn = F.normalize(torch.stack(zs, dim=1).to(compute_dtype(zs[0].dtype)), dim=-1)  # [B, M, D]
-    lam, u = reference.eigh_descending(torch.bmm(zn, zn.transpose(1, 2)))
-    s = lam.sqrt()
-    return s, torch.bmm(u[:, :, :1].transpose(1, 2), zn).squeeze(1) / s[:, :1]
-
-
-def recipe_loss(zs):
-    """The recipe's whole loss; the inputs cast to the compute dtype first (it computes in its input dtype)."""
-    zs = [z.to(compute_dtype(zs[0].dtype)) for z in zs]
-    return (official_recipe_loss(zs, tau=DEFAULTS.tau, tau_reg=DEFAULTS.tau_reg, reg_weight=DEFAULTS.reg_weight),)
-
-
-def spectral(spectrum: Callable, head: Callable) -> Forward:
-    """The forward that computes a target's outputs (head) from a baseline's spectrum."""
-    return lambda zs: head(*spectrum(zs))
+@contextlib.contextmanager
+def knobs(provider: str):
+    """The variant's environment inside the block (nothing for other providers), the previous one restored."""
+    env = VARIANTS[provider].env if provider in VARIANTS else {}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # working memory a baseline needs beyond the target's own byte model
@@ -97,13 +86,28 @@ def provides(target: Target, provider: str, device_type: str) -> bool:
     composition again: it is left out, and the torch row stands for it."""
     if provider in BASE_PROVIDERS:
         return _base_forward(target, provider) is not None
-    own = [backends.implementations(op, device_type).get(provider) for op in target.ops]
+    own = [backends.implementations(op, device_type).get(backend_of(provider)) for op in target.ops]
     return any(f is not None and f not in target.torch_runs for f in own)
 
 
 def providers_for(target: Target, names: list[str], device_type: str) -> list[str]:
     """The providers among `names` that compute `target`."""
     return [n for n in names if provides(target, n, device_type)]
+
+
+def auto_choice(target: Target, provider: str, inputs: dict) -> bool:
+    """Whether backend="auto" runs `provider`'s code for every op of `target` on these inputs: the provider a user
+    gets without naming one."""
+    if provider in BASE_PROVIDERS or provider in VARIANTS:
+        return False
+    for op in target.ops:
+        args = OP_INPUTS[op](inputs)
+        try:
+            if backends.resolve(op, provider, args) is not backends.resolve(op, "auto", args):
+                return False
+        except ValueError:  # the provider refuses these inputs
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ def plan(target: Target, case: Case, inputs: dict) -> Plan:
     forward = _base_forward(target, case.provider)
     if forward is not None:  # the baselines form the B x B logits of the contrastive term when they compute it
         return Plan(forward, target.working_bytes(case, True) + EXTRA_BYTES.get(case.provider, lambda c: 0)(case))
-    name, device_type = case.provider, inputs["z"][0].device.type
+    name, device_type = backend_of(case.provider), inputs["z"][0].device.type
     ops, refusal = {}, None
     for op in target.ops:
         try:  # named backend: its op or a ValueError; an op it does not implement resolves as under "auto"

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import providers, targets
-from .cells import Case, Skip, callables, make_inputs
+from .cells import Case, Skip, callables, make_inputs, matmul_precision
 from .timing import Timer, measure
 
 
@@ -22,17 +22,21 @@ LIMITS = {"OOM": "ran out of memory", "OOM-skip": "would run out of memory", "ti
           "timeout-skip": "would time out"}
 
 
-def build_cases(grid, target_names, modes, provider_names, device_type: str) -> list[Case]:
+def build_cases(grid, target_names, modes, provider_names, device_type: str,
+                precisions=("highest",)) -> list[Case]:
     """Cases in the order they run: the grid's (dtype, M, D) series in the order given, each by ascending B
-    (timeouts and OOM at small B rule out larger B), then every provider of one (size, target, mode) side by side."""
+    (timeouts and OOM at small B rule out larger B), then every provider of one (size, target, mode, precision) side
+    by side. Targets whose cost is a matmul run in each of `precisions`, the others at "highest"."""
     series = {}
     for dtype, _, m, d in grid:
         series.setdefault((dtype, m, d), len(series))
     cases = []
     for dtype, b, m, d in sorted(set(grid), key=lambda p: (series[(p[0], p[2], p[3])], p[1])):
         for name, mode in itertools.product(target_names, modes):
-            names = providers.providers_for(targets.TARGETS[name], provider_names, device_type)
-            cases += [Case(name, p, mode, dtype, b, m, d) for p in names]
+            target = targets.TARGETS[name]
+            names = providers.providers_for(target, provider_names, device_type)
+            for precision in precisions if target.matmul else ("highest",):
+                cases += [Case(name, p, mode, dtype, b, m, d, precision) for p in names]
     return cases
 
 
@@ -66,11 +70,10 @@ def _proc_meminfo_available() -> int:
         return int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
 
 
-def warn_if_loaded(device: torch.device, load_avg: float) -> None:
-    if device.type == "cpu" and load_avg > 0.5 * (os.cpu_count() or 1):
-        # other work on the cores preempts torch's OpenMP threads: times grow erratically, up to 100x
-        print(f"Warning: the load average is {load_avg:.1f} on {os.cpu_count()} CPUs, so the CPU timings will be "
-              "noisy.", file=sys.stderr)
+def warn_if_loaded(meta: dict) -> None:
+    if meta["loaded"]:
+        print(f"Warning: the load average is {meta['load_avg']:.1f} on {os.cpu_count()} CPUs, so the CPU timings "
+              "will be unreliable.", file=sys.stderr)
 
 
 class Progress:
@@ -106,38 +109,45 @@ class Progress:
 
 def run(cases: list[Case], device: torch.device, timer: Timer, *, repeats: int,
         time_limit: float, budget_bytes: int, progress: bool = True) -> list[dict]:
-    """One row per case. A timeout or OOM at some B marks the same cell at larger B, and so does a time
-    predicted over the limit (scaled by B to the target's batch power)."""
+    """One row per case, or per case run before an interrupt. A timeout or OOM at some B marks the same cell at
+    larger B, and so does a time predicted over the limit (scaled by B to the target's batch power)."""
     rows, inputs, inputs_key, history = [], None, None, {}  # history: the series' last cell that ran or failed
     bar = Progress(len(cases), progress)
-    for case in cases:
-        bar.start(f"{case.target} {case.mode} {case.provider} {case.dtype} B={case.B} M={case.M} D={case.D}")
-        size_key = (case.dtype, case.B, case.M, case.D)
-        if size_key != inputs_key:
-            inputs, inputs_key = None, size_key  # free the previous size first
-            inputs = make_inputs(*size_key, device=device)
-        series = (case.target, case.provider, case.mode, case.dtype, case.M, case.D)
-        previous = history.get(series)
-        inherited = previous is not None and previous["state"] in LIMITS
-        try:
-            if inherited:
-                raise Skip(previous["state"].split("-")[0] + "-skip", f"Not run: it {LIMITS[previous['state']]} at "
-                                                        f"B={previous['B']}.")
-            if previous is not None and previous["state"] == "ok":
-                power = targets.TARGETS[case.target].batch_power
-                predicted = previous["median_ms"] / 1e3 * (case.B / previous["B"]) ** power
-                if predicted > time_limit:
-                    raise Skip("timeout-skip", f"Not run: B={previous['B']} predicts {predicted:.2g} s a call "
-                                               f"here, over the {time_limit:g} s limit.")
-            setup, fn = prepare(case, inputs, budget_bytes)
-            result = measure(setup, fn, timer, repeats, time_limit)
-        except Skip as skip:
-            result = {"state": skip.args[0], "note": skip.args[1]}
-        row = {**asdict(case), **result}
-        if not inherited:
-            history[series] = row
-        rows.append(row)
-        bar.step()
+    try:
+        for case in cases:
+            bar.start(f"{case.target} {case.mode} {case.provider} {case.precision} {case.dtype} B={case.B} "
+                      f"M={case.M} D={case.D}")
+            size_key = (case.dtype, case.B, case.M, case.D)
+            if size_key != inputs_key:
+                inputs, inputs_key = None, size_key  # free the previous size first
+                inputs = make_inputs(*size_key, device=device)
+            series = (case.target, case.provider, case.mode, case.precision, case.dtype, case.M, case.D)
+            previous = history.get(series)
+            inherited = previous is not None and previous["state"] in LIMITS
+            try:
+                if inherited:
+                    raise Skip(previous["state"].split("-")[0] + "-skip",
+                               f"Not run: it {LIMITS[previous['state']]} at B={previous['B']}.")
+                if previous is not None and previous["state"] == "ok":
+                    power = targets.TARGETS[case.target].batch_power
+                    predicted = previous["median_ms"] / 1e3 * (case.B / previous["B"]) ** power
+                    if predicted > time_limit:
+                        raise Skip("timeout-skip", f"Not run: B={previous['B']} predicts {predicted:.2g} s a call "
+                                                   f"here, over the {time_limit:g} s limit.")
+                setup, fn = prepare(case, inputs, budget_bytes)
+                with matmul_precision(case.precision, device.type), providers.knobs(case.provider):
+                    result = measure(setup, fn, timer, repeats, time_limit,
+                                     cold=case.provider in providers.COMPILING)
+            except Skip as skip:
+                result = {"state": skip.args[0], "note": skip.args[1]}
+            auto = providers.auto_choice(targets.TARGETS[case.target], case.provider, inputs)
+            row = {**asdict(case), "auto": auto, **result}
+            if not inherited:
+                history[series] = row
+            rows.append(row)
+            bar.step()
+    except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT`: the cells measured so far are still reported
+        print(f"\nInterrupted after {len(rows)} of {len(cases)} cells.", file=sys.stderr)
     bar.close()
     return rows
 

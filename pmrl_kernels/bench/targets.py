@@ -15,8 +15,10 @@ import torch
 from .. import terms
 from ..config import DEFAULTS
 from ..loss import gram_svd, pmrl_loss
-from .cells import DTYPES, Case, Forward, compute_size
-from .providers import recipe_loss, recipe_spectrum, spectral, svd_spectrum, svdvals_spectrum, torch_spectrum
+from .baseline_code import (
+    Forward, compiled, recipe_loss, recipe_spectrum, spectral, svd_spectrum, svdvals_spectrum, torch_spectrum,
+)
+from .cells import DTYPES, Case, compute_size
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,12 @@ class Target:
     ops: tuple[str, ...]  # the registry ops its backend forward runs; a backend implementing one provides it
     io_bytes: Callable[[Case], tuple[int, int]]  # bytes one forward must read, and write: the bandwidth floor
     working_bytes: Callable[[Case, bool], int]  # lower bound of a call's memory, given whether B x B logits form
-    torch: Forward  # the best torch composition (every target has one: the speedup_vs_torch baseline)
+    torch: Forward  # the torch composition (every target has one: the speedup_vs_torch baseline)
     backend: Callable[[str, Mapping[str, Callable]], Forward]  # (backend, its op implementations) -> forward
     baselines: Mapping[str, Forward] = field(default_factory=dict)  # the other baseline providers computing it
     torch_runs: tuple[Callable, ...] = ()  # registry op implementations the torch composition calls as they are
     measured_as: Mapping[str, str] = field(default_factory=dict)  # baseline -> the provider whose row stands for it
+    matmul: bool = False  # its cost is a B x B matmul: swept over the float32 matmul precisions
 
 
 def _align(s: torch.Tensor) -> torch.Tensor:
@@ -72,33 +75,41 @@ def _with_logits(case: Case, logits: bool) -> int:
     return _operands(case) + (3 * case.B * case.B * compute_size(case) if logits else 0)
 
 
+_TORCH = {
+    "loss": spectral(torch_spectrum, _loss_head),
+    "align": spectral(torch_spectrum, _align_head),
+    "gram_svd": spectral(torch_spectrum, _gram_svd_head),
+    "contrastive": lambda rows: (_reg(rows[0]),),
+}
+
 TARGETS = {t.name: t for t in (
     Target(
         "loss", takes="z", batch_power=2, ops=("gram_eig", "contrastive"), io_bytes=_z_io,
-        working_bytes=_with_logits,
-        torch=spectral(torch_spectrum, _loss_head),
+        working_bytes=_with_logits, torch=_TORCH["loss"], matmul=True,
         backend=lambda name, ops: lambda zs: (pmrl_loss(zs, backend=name),),
-        baselines={"recipe": recipe_loss, "svd": spectral(svd_spectrum, _loss_head)},
+        baselines={"recipe": recipe_loss, "svd": spectral(svd_spectrum, _loss_head),
+                   "compiled": compiled(_TORCH["loss"])},
     ),
     Target(  # the alignment term alone: reg_weight=0 skips the contrastive work
         "align", takes="z", batch_power=1, ops=("gram_eig",), io_bytes=_z_io, working_bytes=_operands,
-        torch=spectral(torch_spectrum, _align_head),
+        torch=_TORCH["align"],
         backend=lambda name, ops: lambda zs: (pmrl_loss(zs, reg_weight=0.0, backend=name),),
         baselines={"recipe": spectral(recipe_spectrum, _align_head), "svd": spectral(svd_spectrum, _align_head),
-                   "svdvals": spectral(svdvals_spectrum, _align_head)},
+                   "svdvals": spectral(svdvals_spectrum, _align_head), "compiled": compiled(_TORCH["align"])},
     ),
     Target(  # S and lead; U carries no gradient
         "gram_svd", takes="z", batch_power=1, ops=("gram_eig",), io_bytes=_spectrum_io, working_bytes=_operands,
-        torch=spectral(torch_spectrum, _gram_svd_head),
+        torch=_TORCH["gram_svd"],
         backend=lambda name, ops: lambda zs: gram_svd(zs, backend=name)[::2],
         baselines={"recipe": spectral(recipe_spectrum, _gram_svd_head),
-                   "svd": spectral(svd_spectrum, _gram_svd_head)},
+                   "svd": spectral(svd_spectrum, _gram_svd_head), "compiled": compiled(_TORCH["gram_svd"])},
     ),
     Target(  # the recipe, the reference and the torch composition run the same code here: measured once, as torch
         "contrastive", takes="lead", batch_power=2, ops=("contrastive",),
         io_bytes=lambda case: (case.B * case.D * compute_size(case), 0), working_bytes=_with_logits,
-        torch=lambda rows: (_reg(rows[0]),),
+        torch=_TORCH["contrastive"], matmul=True,
         backend=lambda name, ops: lambda rows: (ops["contrastive"](rows[0], rows[0], DEFAULTS.tau_reg, 0).mean(),),
+        baselines={"compiled": compiled(_TORCH["contrastive"])},
         torch_runs=(terms.contrastive,), measured_as={"recipe": "torch"},
     ),
 )}

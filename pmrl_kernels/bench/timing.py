@@ -2,8 +2,8 @@
 L2 flushed on GPU), the CPU profiler plumbing that measures peak memory, quantiles, and `measure`, which turns
 one cell into its timing row or the state (timeout, OOM, error) that stopped it.
 
-Each cell: on CUDA one cold warm-up call; one warm-up call that measures peak extra memory and estimates the time;
-then up to `repeats` timed calls (fewer for slow cells, never under 3).
+Each cell: on CUDA (and for a provider that compiles) one cold warm-up call; one warm-up call that measures peak
+extra memory and estimates the time; then up to `repeats` timed calls (fewer for slow cells, never under 3).
 """
 from __future__ import annotations
 
@@ -143,10 +143,11 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or ("alloc" in text and "memory" in text)
 
 
-def measure(setup, fn, timer: Timer, repeats: int, time_limit: float) -> dict:
-    """Timing and memory of one cell, or the state that stopped it."""
+def measure(setup, fn, timer: Timer, repeats: int, time_limit: float, cold: bool = False) -> dict:
+    """Timing and memory of one cell, or the state that stopped it; cold: fn compiles on its first call, on
+    every device."""
     try:
-        if timer.cuda:
+        if timer.cuda or cold:
             timer.once(setup, fn)  # cold: JIT compilation, autotuning, library handles, allocator growth
         seconds, peak = timer.once(setup, fn)  # on CPU this is the warm-up: nothing there compiles on first use
         if seconds > time_limit:
