@@ -444,6 +444,8 @@ def _package_outputs(target: str, z64: list[torch.Tensor]) -> tuple:
     """The package's float64 reference for what `target` computes from these float64 inputs."""
     if target == "loss":
         return (pmrl_loss(z64, backend="reference"),)
+    if target == "loss_masked":
+        return (pmrl_loss(z64, present=targets.mixed_mask(z64[0].shape[0], len(z64), "cpu"), backend="reference"),)
     if target == "align":
         return (pmrl_loss(z64, reg_weight=0.0, backend="reference"),)
     s, _, lead = gram_svd(z64, backend="reference")

@@ -58,11 +58,13 @@ def svdvals_spectrum(zs):
     return _chunked(lambda x: (torch.linalg.svdvals(x),), _recipe_stack(zs))[0], None
 
 
-def torch_spectrum(zs):
-    """The Gram matrix by bmm and torch.linalg.eigh (descending, the package's sign), with autograd."""
+def torch_spectrum(zs, eig_floor: float = 0.0):
+    """The Gram matrix by bmm and torch.linalg.eigh (descending, the package's sign), with autograd. eig_floor
+    clamps the eigenvalues before the square root, which a batch with zero rows needs: sqrt's gradient at 0 is
+    infinite, and times a zero upstream gradient NaN."""
     zn = F.normalize(torch.stack(zs, dim=1).to(compute_dtype(zs[0].dtype)), dim=-1)  # [B, M, D]
     lam, u = _chunked(reference.eigh_descending, torch.bmm(zn, zn.transpose(1, 2)))
-    s = lam.sqrt()
+    s = lam.clamp_min(eig_floor).sqrt() if eig_floor else lam.sqrt()
     return s, torch.bmm(u[:, :, :1].transpose(1, 2), zn).squeeze(1) / s[:, :1]
 
 

@@ -36,7 +36,7 @@ FULL_GRID = {
     + [("float32", 16384, m, 512) for m in (2, 8, 16)]
     + [("float32", 16384, 4, d) for d in (128, 2048)],
 }
-# the default run: the B sweep, forward and backward together, about 2-3 minutes on 2 idle CPU cores
+# the default run: the B sweep, forward and backward together
 DEFAULT_GRID = {
     "cpu": [("float32", b, 4, 256) for b in (256, 1024, 4096)],
     "cuda": [("float32", b, 4, 512) for b in (1024, 4096, 16384, 65536)],
@@ -85,8 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="pmrl-bench",
         description="Time and memory of the PMRL loss: this package's backends against the published recipe, "
                     "torch.linalg.svd and the torch composition (eager and compiled), side by side in one run. The "
-                    "default run (forward and backward together, B up to 4096) takes about 2-3 minutes on 2 idle CPU "
-                    "cores and writes its table, JSON, CSV and plot into "
+                    "default run (forward and backward together, B up to 4096) writes its table, JSON, CSV and plot into "
                     f"{RESULTS_ROOT}/<device>-<time>/. Same as `python -m pmrl_kernels.bench`.",
         epilog='example: pmrl-bench --sizes "B=1024,4096;M=4;D=256" --targets align,gram_svd --modes full '
                "--out my-results",

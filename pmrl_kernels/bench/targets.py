@@ -75,6 +75,35 @@ def _with_logits(case: Case, logits: bool) -> int:
     return _operands(case) + (3 * case.B * case.B * compute_size(case) if logits else 0)
 
 
+def mixed_mask(batch: int, modalities: int, device) -> torch.Tensor:
+    """The modality mask of the masked-loss target [B, M]: every second instance lacks its last modality, every
+    fourth its first (so every instance keeps at least one)."""
+    present = torch.ones(batch, modalities, dtype=torch.bool, device=device)
+    present[1::2, -1] = False
+    present[2::4, 0] = False
+    return present
+
+
+def _masked(forward: Callable) -> Forward:
+    """forward(zs, present) on this cell's mixed mask, built once per input (outside the timed calls)."""
+    masks = {}
+
+    def run(zs):
+        key = (zs[0].shape[0], len(zs), zs[0].device)
+        if key not in masks:
+            masks[key] = mixed_mask(*key)
+        return forward(zs, masks[key])
+
+    return run
+
+
+def _torch_masked_loss(zs, present):
+    """The torch composition with the absent rows zero-filled and the alignment softmax cut to the present
+    singular values (docs/maths.md, "Modality mask and labels")."""
+    s, lead = torch_spectrum([torch.where(present[:, m, None], z, 0) for m, z in enumerate(zs)], eig_floor=1e-30)
+    return (terms.alignment(s, DEFAULTS.tau, present.sum(dim=1)).mean() + DEFAULTS.reg_weight * _reg(lead),)
+
+
 _TORCH = {
     "loss": spectral(torch_spectrum, _loss_head),
     "align": spectral(torch_spectrum, _align_head),
@@ -89,6 +118,11 @@ TARGETS = {t.name: t for t in (
         backend=lambda name, ops: lambda zs: (pmrl_loss(zs, backend=name),),
         baselines={"recipe": recipe_loss, "svd": spectral(svd_spectrum, _loss_head),
                    "compiled": compiled(_TORCH["loss"])},
+    ),
+    Target(  # the whole loss on a batch with missing modalities, beside "loss" on the full one
+        "loss_masked", takes="z", batch_power=2, ops=("gram_eig", "contrastive"), io_bytes=_z_io,
+        working_bytes=_with_logits, torch=_masked(_torch_masked_loss), matmul=True,
+        backend=lambda name, ops: _masked(lambda zs, present: (pmrl_loss(zs, present=present, backend=name),)),
     ),
     Target(  # the alignment term alone: reg_weight=0 skips the contrastive work
         "align", takes="z", batch_power=1, ops=("gram_eig",), io_bytes=_z_io, working_bytes=_operands,
