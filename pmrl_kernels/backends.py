@@ -16,7 +16,8 @@ pmrl_kernels.autograd.gram_eig_autograd gives the gram_eig op both input forms. 
 picks the implementation:
 
 - backend="auto": the first backend in auto_order(op, device type, inputs) (AUTO_ORDER, or for many modalities
-  AUTO_ORDER_MANY_MODALITIES) that is available and takes the inputs
+  AUTO_ORDER_MANY_MODALITIES, or for a large contrastive term on the CPU AUTO_ORDER_LARGE_BATCH) that is available
+  and takes the inputs
   (the reference backend takes everything);
 - a named backend that implements the op: that one, or a ValueError saying why it cannot run here;
 - a named backend that does not implement the op (the compiled backends have no contrastive kernel): the op
@@ -105,6 +106,10 @@ AUTO_ORDER = {
 # (docs/results.md, "Contrastive term on CUDA").
 CUDA_REGISTER_MAX_M = 8
 AUTO_ORDER_MANY_MODALITIES = {"gram_eig": {"cuda": ("triton", "cuda", "reference")}}
+# On the CPU the blocked contrastive term overtakes torch's whole-matrix composition from about this many logits
+# on, and holds less memory (docs/results.md, "Contrastive term on the CPU").
+CPU_BLOCKED_MIN_LOGITS = 2048 * 2048
+AUTO_ORDER_LARGE_BATCH = {"contrastive": {"cpu": ("blocked", "reference")}}
 
 
 def auto_order(op: str, device_type: str, inputs: tuple) -> tuple[str, ...]:
@@ -114,6 +119,10 @@ def auto_order(op: str, device_type: str, inputs: tuple) -> tuple[str, ...]:
         modalities = len(zs) if isinstance(zs, (list, tuple)) else zs.shape[1]
         if modalities > CUDA_REGISTER_MAX_M and device_type in AUTO_ORDER_MANY_MODALITIES[op]:
             return AUTO_ORDER_MANY_MODALITIES[op][device_type]
+    if op == "contrastive" and device_type in AUTO_ORDER_LARGE_BATCH[op]:
+        rows, cols = inputs
+        if rows.shape[0] * cols.shape[0] >= CPU_BLOCKED_MIN_LOGITS:
+            return AUTO_ORDER_LARGE_BATCH[op][device_type]
     return AUTO_ORDER[op].get(device_type, ("reference",))
 
 _IMPORT_FAILED: set[str] = set()

@@ -294,10 +294,27 @@ def test_every_registered_module_follows_its_protocol():
             except ImportError:
                 continue  # e.g. triton not installed: the registry then never offers it
             assert_follows(module, backends.OP_PROTOCOLS[op])
-    for op, order in [*backends.AUTO_ORDER.items(), *backends.AUTO_ORDER_MANY_MODALITIES.items()]:
+    for op, order in [*backends.AUTO_ORDER.items(), *backends.AUTO_ORDER_MANY_MODALITIES.items(),
+                      *backends.AUTO_ORDER_LARGE_BATCH.items()]:
         for device_type, names in order.items():
             assert names[-1] == "reference", f"auto must end at the reference for {op} on {device_type}"
             assert all(op in backends.REGISTRY[n].ops for n in names), (op, device_type, names)
+
+
+def test_auto_order_of_the_contrastive_term_on_the_cpu():
+    """The CPU takes the blocked contrastive term from CPU_BLOCKED_MIN_LOGITS logits on (rows x columns, the
+    gathered columns included), the whole-matrix reference below (docs/results.md, "Contrastive term on the CPU");
+    the loss resolves to it."""
+    limit = backends.CPU_BLOCKED_MIN_LOGITS
+    small, large = torch.zeros(2047, 3), torch.zeros(2048, 3)
+    assert limit == 2048 * 2048
+    assert backends.auto_order("contrastive", "cpu", (small, small)) == ("reference",)
+    assert backends.auto_order("contrastive", "cpu", (large, large)) == ("blocked", "reference")
+    assert backends.auto_order("contrastive", "cpu", (torch.zeros(1024, 3), torch.zeros(4096, 3))) == (
+        "blocked", "reference")
+    assert backends.resolve("contrastive", "auto", (large, large)) is backends.implementations(
+        "contrastive", "cpu")["blocked"]
+    assert backends.auto_order("contrastive", "cuda", (small, small)) == ("blocked", "triton", "reference")
 
 
 def test_auto_order_on_cuda(monkeypatch):
