@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The test suite and the bench on a GPU machine (no network): build, pytest on CUDA, compute-sanitizer over a few
 # tests, pmrl-bench, ncu on the Gram kernels. Each step has its own timeout (build 150 s, pytest 60, bench 45,
-# memcheck and racecheck 30 each, ncu 30 + 10: 6 minutes at most, about 4 with a 100 s build); a step cut by its
-# timeout gets SIGINT first, so pytest and the bench still write what they have. A failed step does not stop the
+# memcheck and racecheck 30 each, ncu 30 + 10); a step cut by its timeout gets SIGINT first, so pytest and the bench still write what they have. A failed step does not stop the
 # others, and the script exits 1 when any step failed.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_run.sh

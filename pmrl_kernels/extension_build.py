@@ -117,28 +117,41 @@ def build_inputs(root: Path) -> list[Path]:
 def build_config(with_cuda: bool) -> dict:
     """Everything besides the sources that decides the binary: flags, compilers, and the torch and Python it links
     against. MAX_JOBS is not in it: it changes how long a build takes, not what it makes."""
-    import sys
-
-    import torch
     from torch.utils import cpp_extension
 
     config = {"cxx_flags": cxx_flags(), "cxx": os.environ.get("CXX", "c++"), "with_cuda": with_cuda,
-              "torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": sys.implementation.cache_tag,
-              "abi": getattr(sys, "abiflags", "")}
+              **runtime_config()}
     if with_cuda:
         config.update(nvcc_flags=NVCC_FLAGS, cuda_home=cpp_extension.CUDA_HOME, cc=os.environ.get("CC"),
                       arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST))
     return config
 
 
-def build_key(root: Path, with_cuda: bool) -> str:
-    """A hash of the build inputs (by path relative to `root` and content) and of build_config: equal keys make the
-    same binary, so a module built under a key is reused wherever the key is equal (another checkout, another
-    install, any absolute path) and never where it is not."""
+def runtime_config() -> dict:
+    """The part of build_config that the running process decides: the torch and Python a module must link against."""
+    import sys
+
+    import torch
+
+    return {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": sys.implementation.cache_tag,
+            "abi": getattr(sys, "abiflags", "")}
+
+
+def recorded_config(record: dict) -> dict:
+    """The build_config an installed module was built with (its record), with this process's torch and Python: the
+    compilers and flags of the install stay the install's, whatever this process's environment says."""
+    config = {k: v for k, v in record.items() if k not in ("key", "sources", "module")}
+    return {**config, **runtime_config()}
+
+
+def build_key(root: Path, with_cuda: bool, config: Optional[dict] = None) -> str:
+    """A hash of the build inputs (by path relative to `root` and content) and of the build config (build_config
+    unless given): equal keys make the same binary, so a module built under a key is reused wherever the key is
+    equal (another checkout, another install, any absolute path) and never where it is not."""
     digest = hashlib.sha256()
     for path in build_inputs(root):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(json.dumps(build_config(with_cuda), sort_keys=True).encode())
+    digest.update(json.dumps(build_config(with_cuda) if config is None else config, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 

@@ -145,8 +145,8 @@ TERMS = (
 
 def _batch(modalities: Modalities, present, labels, config: PMRLConfig, gather: Optional[Gather]) -> Batch:
     """gram_eig of the checked rows, with the instances' masks (and the columns' masks, gathered under a gather)."""
+    labels = instance_labels(labels, modalities.views)  # checked before the eigen-solve's work
     svd = _gram_eig(modalities, config.normalize, config.backend)
-    labels = instance_labels(labels, modalities.views)
     count = None if present is None else present.sum(dim=1)
     valid = None if count is None else count > 0
     share = (lambda t: t) if gather is None else gather.values

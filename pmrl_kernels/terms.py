@@ -82,12 +82,10 @@ def removed_columns(
 ) -> torch.Tensor:
     """[b, N] (or [1, N] without labels) bool: True where column j leaves row i's softmax unless it is the row's
     target, i.e. col_labels[j] == row_labels[i] or not col_valid[j]. Not both None."""
-    removed = torch.zeros((), dtype=torch.bool, device=(col_valid if row_labels is None else row_labels).device)
-    if row_labels is not None:
-        removed = row_labels[:, None] == col_labels[None, :]
-    if col_valid is not None:
-        removed = removed | ~col_valid[None, :]
-    return removed
+    if row_labels is None:
+        return ~col_valid[None, :]
+    removed = row_labels[:, None] == col_labels[None, :]
+    return removed if col_valid is None else removed | ~col_valid[None, :]
 
 
 def check_contrastive_masks(

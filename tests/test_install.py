@@ -222,22 +222,43 @@ def test_checkout_beside_an_installed_build(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", environ["CXX"])  # the compiler is part of the key
     key = extension_build.build_key(ROOT / "csrc", False)
 
-    record.write_text(json.dumps({"key": key, "with_cuda": False}))
+    record.write_text(json.dumps({"key": key, **extension_build.build_config(False)}))
     used = run_python(CHECK_LOSS, tmp_path / "cache", **environ)
     assert f"origin installed build {installed}" in used.stdout and "load_error None" in used.stdout
     assert f"the C++ extension is the installed build {installed}, which has the build key" in used.stderr
     assert "compiling" not in used.stderr
+
+    # built with another compiler than this process's environment names: the record's compiler is the install's
+    other = {**extension_build.build_config(False), "cxx": "another-c++"}
+    record.write_text(json.dumps({"key": extension_build.build_key(ROOT / "csrc", False, other), **other}))
+    elsewhere = run_python(CHECK_LOSS, tmp_path / "cache", **environ)
+    assert f"origin installed build {installed}" in elsewhere.stdout and "compiling" not in elsewhere.stderr
 
     record.unlink()  # a build from before build records, or by hand: nothing says it is stale
     unrecorded = run_python(CHECK_LOSS, tmp_path / "cache", **environ)
     assert f"origin installed build {installed}" in unrecorded.stdout and "compiling" not in unrecorded.stderr
     assert f"the C++ extension is the installed build {installed}, which has no build record" in unrecorded.stderr
 
-    record.write_text(json.dumps({"key": "0" * 16, "with_cuda": False}))
+    record.write_text(json.dumps({"key": "0" * 16, **extension_build.build_config(False)}))
     passed_over = run_python(CHECK_LOSS, tmp_path / "cache", **environ)
     compile_line = next(line for line in passed_over.stderr.splitlines() if "compiling the C++ extension" in line)
     compiled_key = re.search(r"\(build key (\w+)\)", compile_line).group(1)
     assert f"{installed} has build key {'0' * 16}, the sources {ROOT / 'csrc'} make {compiled_key}" in compile_line
+
+
+def test_an_installed_build_without_sources_to_check_is_used():
+    """An install that ships no csrc/ cannot compare its build record with anything: its build is used as it is,
+    not passed over for a first-use build that has no sources either."""
+    from pmrl_kernels.ops import extension
+
+    built = [p for p in (ROOT / "pmrl_kernels").glob("_C.*") if p.name != extension_build.INSTALLED_RECORD]
+    if not built:
+        skip_unless_required("setup.py built no extension inside the package")
+    record = built[0].with_name(extension_build.INSTALLED_RECORD)
+    if extension_build.read_record(record) is None:
+        skip_unless_required("the package's build has no build record")
+    module, why_not = extension._try_installed(built[0], None)
+    assert module is not None and why_not is None
 
 
 @pytest.mark.slow

@@ -116,7 +116,8 @@ def contrastive_fwd(
     (batch, _), n_cols = rows.shape, cols.shape[0]
     masks = row_labels, col_labels, col_valid
     x, top, inv_total = (rows.new_empty(batch) for _ in range(3))
-    kept = rows.new_empty((batch, n_cols) if _one_block(batch, n_cols) else 0)
+    one = _one_block(batch, n_cols)
+    kept = rows.new_empty((0, n_cols) if one else 0)  # one block: its exp(s - m) replaces this (the fake's B = 0)
     with _autocast_off(rows.device.type):
         rows_s, cols_t = _scaled_rows(rows, tau_reg), _operand(cols, precision).T
         for blk in _blocks(batch, n_cols):
@@ -125,7 +126,7 @@ def contrastive_fwd(
             total = _exp_shifted_(s, m).sum(1)
             x[blk] = (m - s_t) + total.log()  # -inf with no other column: the loss is 0
             top[blk], inv_total[blk] = m, torch.where(total > 0, total.reciprocal(), 0.0)
-            if _one_block(batch, n_cols):
+            if one:
                 kept = s
     # softplus(x) = max(x, 0) + log1p(exp(-|x|)): exp(x) to its relative precision where x is very negative
     return x.clamp_min(0.0) + torch.log1p(torch.exp(-x.abs())), x, top, inv_total, kept

@@ -98,11 +98,12 @@ def _load_module(name: str, path: Path):
 def _try_installed(path: Path, root: Optional[Path]) -> tuple:
     """(module or None, why not) for the installed build at `path`."""
     record = extension_build.read_record(path.with_name(extension_build.INSTALLED_RECORD))
-    if record is not None:
-        key = None if root is None else extension_build.build_key(root, record["with_cuda"])
+    checkable = record is not None and root is not None
+    if checkable:
+        key = extension_build.build_key(root, record["with_cuda"], extension_build.recorded_config(record))
         if key != record["key"]:
             return None, f"{path} has build key {record['key']}, the sources {root} make {key}"
-    # a build without a record (one from before records, or by hand) is used as it is: nothing says it is stale
+    # without a record or without sources to compare it with, nothing says a build is stale: it is used as it is
     try:
         if path.parent == Path(__file__).resolve().parents[1]:
             from .. import _C
@@ -111,8 +112,9 @@ def _try_installed(path: Path, root: Optional[Path]) -> tuple:
         module = _load_module(extension_build.MODULE, path)
     except ImportError as exc:  # built for another torch, or hidden
         return None, f"{path} does not import ({exc})"
-    checked = ("has the build key of the sources imported here" if record is not None
-               else "has no build record to check against the sources imported here")
+    checked = ("has the build key of the sources imported here" if checkable
+               else "has no build record to check against the sources imported here" if record is None
+               else "has no sources here to check its build record against")
     _say(f"the C++ extension is the installed build {path}, which {checked} ({root})")
     return module, None
 

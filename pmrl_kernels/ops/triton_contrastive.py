@@ -4,7 +4,8 @@ backward that never form the B x N logits, so memory stays O((B + N) D).
 The forward writes per row the loss (a log1p form: relative precision near the optimum), the row statistics
 (max in log2 units, 1 / total) and the target's P - 1; the backward recomputes logits tile by tile, normalises P by
 the saved total (a saved logsumexp would put its rounding into every P), needs no atomics and, when rows are the
-columns, takes one exp2 per logit for both directions. Products run at the precision torch would use
+columns, takes one exp2 per logit for both directions where a tile pair's row maxima are close
+(SHARED_SHIFT_SPAN). Products run at the precision torch would use
 (contrastive_common.operand_precision); block sizes come from fwd_config / bwd_config (tensor-core tiles when
 compiled). The maths: docs/maths.md, "The contrastive term, tiled"; float64 input is refused.
 """
