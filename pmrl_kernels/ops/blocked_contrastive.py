@@ -14,16 +14,13 @@ import torch
 
 from ..inputs import Temperature
 from ..terms import removed_columns
-from .contrastive_common import check_precision, differentiable
+from .contrastive_common import check_precision, differentiable, product_operand
 
 __all__ = ["contrastive", "contrastive_unsupported", "is_available"]
 
 # Logits a block holds (256 MiB in float32): blocks of tens to thousands of rows at the batch sizes this is for,
 # large enough for torch.mm to run near its peak, small beside the B x N of the unblocked composition.
 BLOCK_ELEMENTS = 1 << 26
-_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def is_available(device_type: str) -> bool:
     return True
 
@@ -43,22 +40,15 @@ def _one_block(n_rows: int, n_cols: int) -> bool:
 
 
 def _autocast_off(device_type: str):
-    """No autocast around the products: the 16-bit casts are _operand's, from the forward's precision, so a
+    """No autocast around the products: the 16-bit casts are product_operand's, from the forward's precision, so a
     backward run inside an autocast region computes as the forward did."""
     return torch.autocast(device_type, enabled=False)
 
 
-def _operand(t: torch.Tensor, precision: str) -> torch.Tensor:
-    """t as a product operand: 16-bit under bf16/fp16 (as torch.autocast's matmul takes it), except float64, which
-    autocast leaves alone."""
-    half = None if t.dtype == torch.float64 else _HALF.get(precision)
-    return t if half is None else t.to(half)
-
-
 def _product(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
-    """a @ b (b already an _operand) in a's dtype, with 16-bit operands and result under bf16/fp16, as
+    """a @ b (b already a product_operand) in a's dtype, with 16-bit operands and result under bf16/fp16, as
     torch.autocast's matmul gives them."""
-    out = _operand(a, precision) @ b
+    out = product_operand(a, precision) @ b
     return out if out.dtype == a.dtype else out.to(a.dtype)
 
 
@@ -119,7 +109,7 @@ def contrastive_fwd(
     one = _one_block(batch, n_cols)
     kept = rows.new_empty((0, n_cols) if one else 0)  # one block: its exp(s - m) replaces this (the fake's B = 0)
     with _autocast_off(rows.device.type):
-        rows_s, cols_t = _scaled_rows(rows, tau_reg), _operand(cols, precision).T
+        rows_s, cols_t = _scaled_rows(rows, tau_reg), product_operand(cols, precision).T
         for blk in _blocks(batch, n_cols):
             s, s_t, t = _others(rows_s[blk], cols_t, blk.start, offset, precision, masks)
             m = s.amax(1)
@@ -151,7 +141,7 @@ def _grads(rows, cols, saved, grad_loss, tau_reg, offset, precision, masks, symm
     d_rows = d_cols if symmetric else torch.empty_like(rows)
     gs = grad_loss.to(x.dtype) * torch.sigmoid(x) / tau_reg  # dS's row scale at the target
     with _autocast_off(rows.device.type):
-        cols_op = _operand(cols, precision)
+        cols_op = product_operand(cols, precision)
         for blk in _blocks(rows.shape[0], cols.shape[0]):
             if kept.dim() == 2:
                 e = kept
@@ -160,7 +150,7 @@ def _grads(rows, cols, saved, grad_loss, tau_reg, offset, precision, masks, symm
                 e = _exp_shifted_(s, top[blk])
             target, scale = slice(offset + blk.start, offset + blk.stop), gs[blk, None]
             others_scale = scale * inv_total[blk, None]
-            _add_product(d_cols, e.T, _operand(rows[blk] * others_scale, precision), precision, blk.start == 0)
+            _add_product(d_cols, e.T, product_operand(rows[blk] * others_scale, precision), precision, blk.start == 0)
             d_cols[target].addcmul_(rows[blk], scale, value=-1.0)
             if symmetric:
                 d_rows[blk].addcmul_(_product(e, cols_op, precision), others_scale)

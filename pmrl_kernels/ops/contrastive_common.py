@@ -19,6 +19,14 @@ from ..inputs import Temperature, compute_dtype
 from ..terms import check_contrastive_masks, check_offset
 
 PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def product_operand(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """t as a logits-product operand, cast once: 16-bit under bf16/fp16 (as torch.autocast's matmul takes it, and
+    half the bytes of every tile load), except float64, which autocast leaves alone."""
+    half = None if t.dtype == torch.float64 else HALF_DTYPES.get(precision)
+    return t if half is None else t.to(half)
 N_MASKS = 3  # row_labels, col_labels, col_valid: the ops' last arguments, forward and backward
 
 

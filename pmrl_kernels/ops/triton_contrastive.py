@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..inputs import Temperature
-from .contrastive_common import check_precision, differentiable
+from .contrastive_common import HALF_DTYPES, check_precision, differentiable, product_operand
 from .triton_common import interpreting, is_available
 
 __all__ = ["contrastive", "contrastive_unsupported", "is_available"]
@@ -54,9 +54,6 @@ SERIES_BELOW = tl.constexpr(0.1)
 SHARED_SHIFT_SPAN = tl.constexpr(64.0)
 LN2 = tl.constexpr(math.log(2.0))
 _INTERPRETING = tl.constexpr(interpreting())
-_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b at the precision torch would use for the same matmul (contrastive_common.operand_precision):
@@ -294,15 +291,9 @@ def bwd_config(n_x: int, n_y: int, features: int, precision: str, compiled: bool
         own = other = BWD_TILE // 2
     else:
         own, other = BWD_TILE, BWD_TILE if block_do <= 256 else BWD_TILE // 2
-    resident = features <= MAX_BLOCK_DO and (precision in _HALF or not compiled)
+    resident = features <= MAX_BLOCK_DO and (precision in HALF_DTYPES or not compiled)
     return dict(BLOCK_X=_block(n_x, own), BLOCK_Y=_block(n_y, other), BLOCK_K=_logits_block_k(features, precision),
                 BLOCK_DO=block_do, RESIDENT=resident, **_compiled_extras(compiled))
-
-
-def _operand(t: torch.Tensor, precision: str) -> torch.Tensor:
-    """t as the kernels load it: cast once to bf16/fp16 under autocast (half the bytes of every tile load), float32
-    otherwise."""
-    return t.to(_HALF[precision]) if precision in _HALF else t
 
 
 def _scales(tau_reg: float) -> tuple[float, float]:
@@ -333,8 +324,8 @@ def contrastive_fwd(
     target_pm1 = torch.empty_like(loss)
     config = fwd_config(batch, n_cols, features, precision)
     pointers, flags = _mask_args(rows, row_labels, col_labels, col_valid)
-    r = _operand(rows, precision)
-    c = r if cols is rows else _operand(cols, precision)
+    r = product_operand(rows, precision)
+    c = r if cols is rows else product_operand(cols, precision)
     wrap_triton(_contrastive_fwd_kernel)[(triton.cdiv(batch, config["BLOCK_R"]),)](
         r, c, *pointers, loss, stats, target_pm1, batch, n_cols, features, r.stride(0), c.stride(0),
         _scales(tau_reg)[0], offset, PRECISION=precision, **config, **flags,
@@ -365,7 +356,7 @@ def contrastive_bwd(
     d_rows = torch.empty(rows.shape, device=rows.device, dtype=torch.float32)
     d_cols = torch.empty(cols.shape, device=cols.device, dtype=torch.float32)
     masks = row_labels, col_labels, col_valid
-    r, c = _operand(rows, precision), _operand(cols, precision)
+    r, c = product_operand(rows, precision), product_operand(cols, precision)
     _launch_bwd(r, c, stats, target_pm1, grad_loss, d_rows, tau_reg, offset, ROWS, precision, masks)
     _launch_bwd(c, r, stats, target_pm1, grad_loss, d_cols, tau_reg, offset, COLS, precision, masks)
     return d_rows, d_cols
@@ -382,7 +373,7 @@ def contrastive_sym_bwd(
     no separate add."""
     check_precision(precision)
     d_lead = torch.empty(lead.shape, device=lead.device, dtype=torch.float32)
-    operand = _operand(lead, precision)
+    operand = product_operand(lead, precision)
     _launch_bwd(operand, operand, stats, target_pm1, grad_loss, d_lead, tau_reg, 0, SYMMETRIC, precision,
                 (row_labels, col_labels, col_valid))
     return d_lead
