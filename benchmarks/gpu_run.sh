@@ -37,12 +37,13 @@ if [[ $MODE == cpu ]]; then  # the same steps at CPU sizes, Triton in its interp
 else
   # the two kernels' own targets, without torch.compile (seconds of compiling a cell): PMRL_BENCH_ARGS= (empty)
   # runs every target and provider
-  DEFAULT_K="cuda and float32" DEFAULT_SIZES="B=65536;M=4;D=512" DEVICE=cuda
+  DEFAULT_K="cuda and float32" DEFAULT_SIZES="B=65536;M=4,16;D=512" DEVICE=cuda
   DEFAULT_BENCH_ARGS="--targets gram_svd,contrastive --providers recipe,svd,torch,reference,cuda,blocked,triton"
 fi
 DEFAULT_TESTS="tests/test_conformance.py tests/test_extension.py tests/test_blocked.py tests/test_triton.py"
 read -ra TESTS <<<"${PMRL_TESTS:-$DEFAULT_TESTS}"
-SAN_K=${PMRL_SANITIZER_K:-cuda and float32 and (7x3x33 or 9x2x7)}
+# M = 3 and 2 (the CUDA kernels with whole matrices a lane, Triton's chunked-fault input) and 11 (the warp kernels)
+SAN_K=${PMRL_SANITIZER_K:-cuda and float32 and (7x3x33 or 9x2x7 or 3x11x17)}
 read -ra BENCH_ARGS <<<"${PMRL_BENCH_ARGS-$DEFAULT_BENCH_ARGS}"
 PYTEST=("$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider)
 BENCH=("$PY" -m pmrl_kernels.bench --no-progress --device "$DEVICE")
@@ -82,12 +83,13 @@ if [[ $MODE != cpu ]]; then
   # every tensor its own cudaMalloc, or memcheck cannot see an overrun inside a cached block
   step memcheck 30 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
     --target-processes all "${PYTEST[@]}" "${TESTS[@]}" -k "$SAN_K" --junitxml "$OUT/memcheck.xml"
+  # shared memory: Triton's kernels, and the CUDA warp backward's coefficient rows
   step racecheck 30 compute-sanitizer --tool racecheck --error-exitcode 1 --target-processes all \
-    "${PYTEST[@]}" "${TESTS[@]}" -k "triton and ($SAN_K)" --junitxml "$OUT/racecheck.xml"
+    "${PYTEST[@]}" "${TESTS[@]}" -k "$SAN_K" --junitxml "$OUT/racecheck.xml"
   step ncu 30 ncu --target-processes all --clock-control none --kernel-name-base demangled \
     --kernel-name "regex:gram_eig|forward_kernel|backward_kernel" --launch-count 12 --metrics "$NCU_METRICS" \
     --export "$OUT/ncu" --force-overwrite "${BENCH[@]}" --no-save --targets gram_svd --modes full \
-    --providers cuda,triton --sizes "B=65536;M=4;D=512" --repeats 1
+    --providers cuda,triton --sizes "B=65536;M=4,16;D=512" --repeats 1
   step ncu_csv 10 ncu --import "$OUT/ncu.ncu-rep" --csv --page raw --log-file "$OUT/ncu.csv"
 fi
 

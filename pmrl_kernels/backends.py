@@ -99,9 +99,9 @@ AUTO_ORDER = {
     "gram_eig": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")},
     "contrastive": {"cuda": ("blocked", "triton", "reference"), "cpu": ("reference",)},
 }
-# The CUDA gram_eig kernel keeps its M x M arrays in registers only up to M = 8 (benchmarks/static_check.py) and in
-# local memory above, where Triton's kernels are faster: past CUDA_REGISTER_MAX_M modalities "auto" tries these
-# instead (docs/results.md, "Gram eigen-solve on CUDA"). On CUDA the contrastive term takes the blocked backend
+# Past CUDA_REGISTER_MAX_M modalities "auto" tries Triton's gram_eig first on CUDA: it was measured faster there
+# than the CUDA kernels of whole M x M matrices a lane. The CUDA kernels that replaced them above M = 8 (a warp an
+# instance, rows a lane) have not run on a GPU yet (docs/results.md, "Gram eigen-solve on CUDA"). On CUDA the contrastive term takes the blocked backend
 # (torch.mm on row blocks) first at every matmul precision, for one logits block of extra peak memory
 # (docs/results.md, "Contrastive term on CUDA").
 CUDA_REGISTER_MAX_M = 8

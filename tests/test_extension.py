@@ -136,13 +136,15 @@ def test_ops_check_their_arguments():
 
 
 def test_header_maths_ctest(tmp_path):
-    """Build the C++ self-checks of the header maths with CMake (no torch needed) and run them through ctest."""
+    """Build the C++ self-checks of the header maths (one lane, and spread over an emulated warp) with CMake (no
+    torch needed) and run them through ctest."""
     cmake, ctest = shutil.which("cmake"), shutil.which("ctest")
     if cmake is None or ctest is None or not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
         pytest.skip("cmake, ctest or a C++ compiler is missing")
     build = tmp_path / "build"
     subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), "-DPMRL_BUILD_EXTENSION=OFF"], check=True,
                    capture_output=True)
-    subprocess.run([cmake, "--build", str(build), "--target", "test_header_maths"], check=True, capture_output=True)
+    subprocess.run([cmake, "--build", str(build), "--target", "test_header_maths", "test_warp_maths"], check=True,
+                   capture_output=True)
     result = subprocess.run([ctest, "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -248,17 +248,19 @@ def test_checkout_beside_an_installed_build(tmp_path, monkeypatch):
 
 def test_an_installed_build_without_sources_to_check_is_used():
     """An install that ships no csrc/ cannot compare its build record with anything: its build is used as it is,
-    not passed over for a first-use build that has no sources either."""
-    from pmrl_kernels.ops import extension
-
+    not passed over for a first-use build that has no sources either. In a child process: this one may hold a
+    first-use build of edited sources, whose ops the package's build would register a second time."""
     built = [p for p in (ROOT / "pmrl_kernels").glob("_C.*") if p.name != extension_build.INSTALLED_RECORD]
     if not built:
         skip_unless_required("setup.py built no extension inside the package")
     record = built[0].with_name(extension_build.INSTALLED_RECORD)
     if extension_build.read_record(record) is None:
         skip_unless_required("the package's build has no build record")
-    module, why_not = extension._try_installed(built[0], None)
-    assert module is not None and why_not is None
+    code = ("from pathlib import Path\nfrom pmrl_kernels.ops import extension\n"
+            f"module, why_not = extension._try_installed(Path({str(built[0])!r}), None)\n"
+            "print('used', module is not None, why_not)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "used True None" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.slow

@@ -37,8 +37,9 @@ def test_every_cuda_source_compiles_without_spills(static_report):
     expected = sorted((d, t, m) for d in ("forward", "backward") for t in ("float32", "float64", "bfloat16", "float16")
                       for m in range(2, 17))
     assert keys == expected
-    clean = [k for k in kernels if k["M"] <= static_check.MAX_CLEAN_M and k["dtype"] != "float64"]
-    bad = [k for k in clean if k["spill_stores"] or k["spill_loads"] or k["stack_bytes"] >= 512]
+    # every M: the M x M arrays a lane up to M = 8, the warp-spread rows from 9 on (no array in local memory)
+    clean = [k for k in kernels if k["dtype"] != "float64"]
+    bad = [k for k in clean if k["spill_stores"] or k["spill_loads"] or k["stack_bytes"]]
     assert not bad, bad
 
 

@@ -7,8 +7,8 @@
 namespace pmrl::cuda {
 namespace backward_detail {
 
-// sq[m] = zhat_m . zhat_m (with normalize), zg[m] = zhat_m . gbar and lg = lead . gbar (with gbar), zhat = r z,
-// summed over the group's lanes.
+// sq[m] = zhat_m . zhat_m (with normalize), zg[m] = zhat_m . gbar and lg = lead . gbar (with gbar and lead; lead
+// may be null), zhat = r z, summed over the group's lanes.
 template <class In, class T, int M, bool Scaled>
 __device__ __forceinline__ void reductions(const Lanes<In, M>& lanes, bool vec, bool normalize, const T* gbar,
                                            const T* lead, const T (&r)[M], T (&sq)[M], T (&zg)[M], T& lg) {
@@ -19,10 +19,8 @@ __device__ __forceinline__ void reductions(const Lanes<In, M>& lanes, bool vec, 
     constexpr int V = decltype(vc)::value;
     lanes.template for_features<V, T>([&](int64_t d, const T (&x)[M][V]) {
       T g[V], l[V];
-      if (gbar != nullptr) {
-        load<V>(gbar + d, g);
-        load<V>(lead + d, l);
-      }
+      if (gbar != nullptr) load<V>(gbar + d, g);
+      if (lead != nullptr) load<V>(lead + d, l);
       PMRL_UNROLL
       for (int v = 0; v < V; ++v) {
         PMRL_UNROLL
@@ -31,7 +29,7 @@ __device__ __forceinline__ void reductions(const Lanes<In, M>& lanes, bool vec, 
           if (normalize) sq[m] += xs * xs;
           if (gbar != nullptr) zg[m] += xs * g[v];
         }
-        if (gbar != nullptr) lg += l[v] * g[v];
+        if (lead != nullptr) lg += l[v] * g[v];
       }
     });
   });
@@ -43,41 +41,40 @@ __device__ __forceinline__ void reductions(const Lanes<In, M>& lanes, bool vec, 
   lg = group_sum(lg, lanes.group);
 }
 
-// A minimum of one block per multiprocessor in the bounds: without it ptxas capped bf16/fp16 at M = 6 to 128
-// registers and spilled.
+// The reductions of the rows scaled by r (docs/maths.md, "Scale"): r = 1 unless a row's squared norm over- or
+// underflowed. The shuffles need every lane of the warp: the whole warp takes the slow path when one instance needs
+// it, and the others keep r = 1, which reproduces their fast-path sums exactly.
+template <class In, class T, int M>
+__device__ __forceinline__ void scaled_reductions(const Lanes<In, M>& lanes, bool vec, bool normalize, const T* gbar,
+                                                  const T* lead, T (&r)[M], T (&sq)[M], T (&zg)[M], T& lg) {
+  PMRL_UNROLL
+  for (int m = 0; m < M; ++m) {
+    sq[m] = zg[m] = T(0);
+    r[m] = T(1);
+  }
+  lg = T(0);
+  if (!normalize && gbar == nullptr) return;
+  reductions<In, T, M, false>(lanes, vec, normalize, gbar, lead, r, sq, zg, lg);
+  const bool needs = lanes.valid && normalize && gram_needs_rescale<T, M>(sq, true);
+  if (__any_sync(0xffffffffu, needs)) {
+    T scaled[M];
+    with_vec(vec, [&](auto vc) { lanes.template rescale<decltype(vc)::value>(true, scaled); });
+    PMRL_UNROLL
+    for (int m = 0; m < M; ++m) r[m] = needs ? scaled[m] : T(1);
+    reductions<In, T, M, true>(lanes, vec, normalize, gbar, lead, r, sq, zg, lg);
+  }
+}
+
+// M < kWarpMathsMinM: the whole maths in every lane of the group. A minimum of one block per multiprocessor in the
+// bounds: without it ptxas capped bf16/fp16 at M = 6 to 128 registers and spilled.
 template <class In, class T, int M>
 __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs args, int group, bool vec) {
   const Lanes<In, M> lanes(args.z, args.batch, args.dim, group);
   const int64_t i = lanes.valid ? lanes.instance : 0;
   const T* gbar = args.grad_lead ? static_cast<const T*>(args.grad_lead) + i * args.dim : nullptr;
   const T* lead = static_cast<const T*>(args.lead) + i * args.dim;
-  T sq[M], zg[M];
-  T lg = T(0);
-  PMRL_UNROLL
-  for (int m = 0; m < M; ++m) sq[m] = zg[m] = T(0);
-  T r[M];
-  PMRL_UNROLL
-  for (int m = 0; m < M; ++m) r[m] = T(1);
-  if (args.normalize || gbar != nullptr) {
-    reductions<In, T, M, false>(lanes, vec, args.normalize, gbar, lead, r, sq, zg, lg);
-    // The shuffles need every lane of the warp: the whole warp takes the slow path when one instance needs it,
-    // and the others keep r = 1, which reproduces their fast-path sums exactly.
-    const bool needs = lanes.valid && args.normalize && gram_needs_rescale<T, M>(sq, true);
-    if (__any_sync(0xffffffffu, needs)) {
-      T scaled[M];
-      with_vec(vec, [&](auto vc) { lanes.template rescale<decltype(vc)::value>(true, scaled); });
-      PMRL_UNROLL
-      for (int m = 0; m < M; ++m) r[m] = needs ? scaled[m] : T(1);
-      reductions<In, T, M, true>(lanes, vec, args.normalize, gbar, lead, r, sq, zg, lg);
-    }
-  }
-  // Copies the maths may index at run time (large M), so that sq and zg themselves stay in registers.
-  T sq_sum[M], zg_sum[M];
-  PMRL_UNROLL
-  for (int m = 0; m < M; ++m) {
-    sq_sum[m] = sq[m];
-    zg_sum[m] = zg[m];
-  }
+  T sq[M], zg[M], r[M], lg;
+  scaled_reductions<In, T, M>(lanes, vec, args.normalize, gbar, gbar != nullptr ? lead : nullptr, r, sq, zg, lg);
   if (!lanes.valid) return;
   T s[M], u[M][M];
   const T* s_in = static_cast<const T*>(args.s) + i * M;
@@ -89,15 +86,50 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
     for (int k = 0; k < M; ++k) u[m][k] = u_in[m * M + k];
   }
   const T* grad_s = args.grad_s ? static_cast<const T*>(args.grad_s) + i * M : nullptr;
-  T r_sum[M];
-  PMRL_UNROLL
-  for (int m = 0; m < M; ++m) r_sum[m] = r[m];
   T a[M][M], e[M], out_scale[M];
-  backward_coefficients<T, M>(s, u, grad_s, gbar != nullptr, sq_sum, zg_sum, lg, args.normalize, r_sum, a, e,
-                              out_scale);
+  backward_coefficients<T, M>(s, u, grad_s, gbar != nullptr, sq, zg, lg, args.normalize, r, a, e, out_scale);
   In* dz = static_cast<In*>(args.dz) + i * args.dz_stride_b;
   with_vec(vec, [&](auto vc) {
-    lanes.template write_rows<decltype(vc)::value>(a, r_sum, e, out_scale, r_sum, gbar, dz, args.dz_stride_m);
+    lanes.template write_rows<decltype(vc)::value>([&](int m, int n) { return a[m][n]; }, r, e, out_scale, r, gbar,
+                                                   dz, args.dz_stride_m);
+  });
+}
+
+// M >= kWarpMathsMinM: one warp an instance, U and the coefficients a row a lane (pmrl/warp_instance.h); the
+// coefficient rows go through shared memory to every lane for the pass over D. lead is not read.
+template <class In, class T, int M>
+__global__ void __launch_bounds__(kThreads, 1) warp_backward_kernel(const BackwardArgs args, int group, bool vec) {
+  __shared__ T stage[kThreads / 32][M][M];
+  const Lanes<In, M> lanes(args.z, args.batch, args.dim, group);
+  const HardwareWarp warp;
+  const int lane = warp.lane();
+  const int64_t i = lanes.valid ? lanes.instance : 0;
+  const T* gbar = args.grad_lead ? static_cast<const T*>(args.grad_lead) + i * args.dim : nullptr;
+  T sq[M], zg[M], r[M], lg;
+  scaled_reductions<In, T, M>(lanes, vec, args.normalize, gbar, nullptr, r, sq, zg, lg);
+  if (!lanes.valid) return;  // the whole warp: one instance
+  T s[M], u_row[M];
+  const T* s_in = static_cast<const T*>(args.s) + i * M;
+  const T* u_in = static_cast<const T*>(args.u) + (i * M + (lane < M ? lane : 0)) * M;
+  PMRL_UNROLL
+  for (int m = 0; m < M; ++m) {
+    s[m] = s_in[m];
+    u_row[m] = lane < M ? u_in[m] : T(0);
+  }
+  const T* grad_s = args.grad_s ? static_cast<const T*>(args.grad_s) + i * M : nullptr;
+  T a_row[M], e[M], out_scale[M];
+  warp_backward_coefficients<HardwareWarp, T, M>(warp, s, u_row, grad_s, gbar != nullptr, sq, zg, args.normalize, r,
+                                                 a_row, e, out_scale);
+  T (&coef)[M][M] = stage[threadIdx.x / 32];
+  if (lane < M) {
+    PMRL_UNROLL
+    for (int n = 0; n < M; ++n) coef[lane][n] = a_row[n];
+  }
+  __syncwarp();
+  In* dz = static_cast<In*>(args.dz) + i * args.dz_stride_b;
+  with_vec(vec, [&](auto vc) {
+    lanes.template write_rows<decltype(vc)::value>([&](int m, int n) { return coef[m][n]; }, r, e, out_scale, r,
+                                                   gbar, dz, args.dz_stride_m);
   });
 }
 
@@ -108,7 +140,12 @@ cudaError_t gram_eig_backward_in(const BackwardArgs& args, cudaStream_t stream) 
   using namespace backward_detail;
   return launch_over_instances<Lo, Hi>(args, {args.lead, args.grad_lead}, stream, [](auto types, auto mc) {
     using Ty = decltype(types);
-    return backward_kernel<typename Ty::input, typename Ty::compute, decltype(mc)::value>;
+    constexpr int M = decltype(mc)::value;
+    if constexpr (M >= kWarpMathsMinM) {
+      return warp_backward_kernel<typename Ty::input, typename Ty::compute, M>;
+    } else {
+      return backward_kernel<typename Ty::input, typename Ty::compute, M>;
+    }
   });
 }
 

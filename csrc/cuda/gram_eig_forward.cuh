@@ -7,35 +7,13 @@
 namespace pmrl::cuda {
 namespace forward_detail {
 
-// Above kUnrollMaxM, not inlined: the eigen-solver is compiled once per (T, M) and shared by the input dtypes
-// that compute in float (float, half, bfloat16), which cuts the build time of this file by about a third; its
-// M x M arrays live in local memory there anyway. Up to kUnrollMaxM inlined, so they stay in registers (a call
-// would pass them through a stack frame).
-template <class T, int M>
-__device__ __noinline__ void spectrum_call(T (&g)[M][M], const T (&r)[M], bool normalize, int64_t dim,
-                                           Spectrum<T, M>& sp) {
-  gram_spectrum<T, M>(g, r, normalize, dim, sp);
-}
-
-template <class T, int M>
-__device__ __forceinline__ void spectrum(T (&g)[M][M], const T (&r)[M], bool normalize, int64_t dim,
-                                         Spectrum<T, M>& sp) {
-  if constexpr (M <= kUnrollMaxM) {
-    gram_spectrum<T, M>(g, r, normalize, dim, sp);
-  } else {
-    spectrum_call<T, M>(g, r, normalize, dim, sp);
-  }
-}
-
-// The lower triangle of zhat_m . zhat_k (zhat = r z), summed over the group's lanes into g.
+// This lane's partial sums of zhat_m . zhat_k (zhat = r z) over its features, the lower triangle packed: pair
+// (m, k <= m) at m (m + 1) / 2 + k. Only constant indices touch acc, so it stays in registers.
 template <class In, class T, int M, bool Scaled>
-__device__ __forceinline__ void gram(const Lanes<In, M>& lanes, bool vec, const T (&r)[M], T (&g)[M][M]) {
-  // only constant indices touch acc (the M x M matrix handed to the maths below may be indexed at run time for
-  // large M, which would put it in local memory)
-  constexpr int kPairs = M * (M + 1) / 2;
-  T acc[kPairs];
+__device__ __forceinline__ void gram_partial(const Lanes<In, M>& lanes, bool vec, const T (&r)[M],
+                                             T (&acc)[M * (M + 1) / 2]) {
   PMRL_UNROLL
-  for (int p = 0; p < kPairs; ++p) acc[p] = T(0);
+  for (int p = 0; p < M * (M + 1) / 2; ++p) acc[p] = T(0);
   with_vec(vec, [&](auto vc) {
     constexpr int V = decltype(vc)::value;
     lanes.template for_features<V, T>([&](int64_t, const T (&x)[M][V]) {
@@ -55,6 +33,13 @@ __device__ __forceinline__ void gram(const Lanes<In, M>& lanes, bool vec, const 
       }
     });
   });
+}
+
+// The Gram matrix g of the scaled rows, summed over the group's lanes, whole in every lane (M < kWarpMathsMinM).
+template <class In, class T, int M, bool Scaled>
+__device__ __forceinline__ void gram(const Lanes<In, M>& lanes, bool vec, const T (&r)[M], T (&g)[M][M]) {
+  T acc[M * (M + 1) / 2];
+  gram_partial<In, T, M, Scaled>(lanes, vec, r, acc);
   PMRL_UNROLL
   for (int m = 0; m < M; ++m) {
     PMRL_UNROLL
@@ -62,6 +47,60 @@ __device__ __forceinline__ void gram(const Lanes<In, M>& lanes, bool vec, const 
   }
 }
 
+// The Gram matrix summed over the warp, spread a row a lane: lane l < M gets row l, every lane the diagonal.
+template <class In, class T, int M, bool Scaled>
+__device__ __forceinline__ void gram_row(const Lanes<In, M>& lanes, bool vec, const T (&r)[M], int lane,
+                                         T (&row)[M], T (&diag)[M]) {
+  T acc[M * (M + 1) / 2];
+  gram_partial<In, T, M, Scaled>(lanes, vec, r, acc);
+  PMRL_UNROLL
+  for (int m = 0; m < M; ++m) {
+    PMRL_UNROLL
+    for (int k = 0; k <= m; ++k) {
+      const T sum = group_sum(acc[m * (m + 1) / 2 + k], 32);
+      if (lane == m) row[k] = sum;
+      if (lane == k) row[m] = sum;
+      if (k == m) diag[m] = sum;
+    }
+  }
+}
+
+// The scales r (docs/maths.md, "Scale"): 1, or for an instance whose raw Gram diagonal over- or underflowed the
+// rows' magnitudes. The shuffles need every lane of the warp: the whole warp takes the slow path when one instance
+// needs it, and the others keep r = 1, which reproduces their fast-path sums exactly. True when a rescale ran.
+template <class In, class T, int M>
+__device__ __forceinline__ bool rescaled(const Lanes<In, M>& lanes, bool vec, bool normalize, const T (&diag)[M],
+                                         T (&r)[M]) {
+  const bool needs = lanes.valid && gram_needs_rescale<T, M>(diag, normalize);
+  if (!__any_sync(0xffffffffu, needs)) return false;
+  T scaled[M];
+  with_vec(vec, [&](auto vc) { lanes.template rescale<decltype(vc)::value>(normalize, scaled); });
+  PMRL_UNROLL
+  for (int m = 0; m < M; ++m) r[m] = needs ? scaled[m] : T(1);
+  return true;
+}
+
+// Writes S (lane 0) and lead; the kernels write U, which they hold differently.
+template <class In, class T, int M>
+__device__ __forceinline__ void write_s_and_lead(const Lanes<In, M>& lanes, const ForwardArgs& args, bool vec,
+                                                 const T (&r)[M], const T (&s)[M], const T (&lead_coef)[M]) {
+  const int64_t i = lanes.instance;
+  if (lanes.lane == 0) {
+    T* s_out = static_cast<T*>(args.s) + i * M;
+    PMRL_UNROLL
+    for (int m = 0; m < M; ++m) s_out[m] = s[m];
+  }
+  const T no_gbar[1] = {T(0)};
+  const T unscaled[1] = {T(1)};
+  const T* no_extra = nullptr;
+  T* lead = static_cast<T*>(args.lead) + i * args.dim;
+  with_vec(vec, [&](auto vc) {
+    lanes.template write_rows<decltype(vc)::value>([&](int, int m) { return lead_coef[m]; }, r, no_gbar, unscaled,
+                                                   unscaled, no_extra, lead, 0);
+  });
+}
+
+// M < kWarpMathsMinM: the whole maths in every lane of the group.
 template <class In, class T, int M>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs args, int group, bool vec) {
   const Lanes<In, M> lanes(args.z, args.batch, args.dim, group);
@@ -70,43 +109,48 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs arg
   for (int m = 0; m < M; ++m) r[m] = T(1);
   T g[M][M];
   gram<In, T, M, false>(lanes, vec, r, g);
-  // The shuffles need every lane of the warp: the whole warp takes the slow path when one instance needs it, and
-  // the others keep r = 1, which reproduces their fast-path sums exactly.
   T diag[M];
   PMRL_UNROLL
   for (int m = 0; m < M; ++m) diag[m] = g[m][m];
-  const bool needs = lanes.valid && gram_needs_rescale<T, M>(diag, args.normalize);
-  if (__any_sync(0xffffffffu, needs)) {
-    T scaled[M];
-    with_vec(vec, [&](auto vc) { lanes.template rescale<decltype(vc)::value>(args.normalize, scaled); });
-    PMRL_UNROLL
-    for (int m = 0; m < M; ++m) r[m] = needs ? scaled[m] : T(1);
-    gram<In, T, M, true>(lanes, vec, r, g);
-  }
+  if (rescaled<In, T, M>(lanes, vec, args.normalize, diag, r)) gram<In, T, M, true>(lanes, vec, r, g);
   Spectrum<T, M> sp;
-  spectrum<T, M>(g, r, args.normalize, args.dim, sp);
+  gram_spectrum<T, M>(g, r, args.normalize, args.dim, sp);
   if (!lanes.valid) return;
-  const int64_t i = lanes.instance;
   if (lanes.lane == 0) {
-    T* s = static_cast<T*>(args.s) + i * M;
-    T* u = static_cast<T*>(args.u) + i * M * M;
+    T* u = static_cast<T*>(args.u) + lanes.instance * M * M;
     PMRL_UNROLL
     for (int m = 0; m < M; ++m) {
-      s[m] = sp.s[m];
       PMRL_UNROLL
       for (int k = 0; k < M; ++k) u[m * M + k] = sp.u[m][k];
     }
   }
-  T coef[1][M];
+  write_s_and_lead<In, T, M>(lanes, args, vec, r, sp.s, sp.lead_coef);
+}
+
+// M >= kWarpMathsMinM: one warp an instance, the matrices a row a lane (pmrl/warp_instance.h). A minimum of one
+// block per multiprocessor in the bounds: without it ptxas capped bf16/fp16 at M = 11 to 128 registers and spilled.
+template <class In, class T, int M>
+__global__ void __launch_bounds__(kThreads, 1) warp_forward_kernel(const ForwardArgs args, int group, bool vec) {
+  const Lanes<In, M> lanes(args.z, args.batch, args.dim, group);
+  const HardwareWarp warp;
+  T r[M];
   PMRL_UNROLL
-  for (int m = 0; m < M; ++m) coef[0][m] = sp.lead_coef[m];
-  const T no_gbar[1] = {T(0)};
-  const T unscaled[1] = {T(1)};
-  const T* no_extra = nullptr;
-  T* lead = static_cast<T*>(args.lead) + i * args.dim;
-  with_vec(vec, [&](auto vc) {
-    lanes.template write_rows<decltype(vc)::value>(coef, r, no_gbar, unscaled, unscaled, no_extra, lead, 0);
-  });
+  for (int m = 0; m < M; ++m) r[m] = T(1);
+  // the Gram passes read one feature a lane and step: M (M + 1) / 2 accumulators leave no registers for vectors
+  T row[M], diag[M];
+  gram_row<In, T, M, false>(lanes, false, r, warp.lane(), row, diag);
+  if (rescaled<In, T, M>(lanes, false, args.normalize, diag, r)) {
+    gram_row<In, T, M, true>(lanes, false, r, warp.lane(), row, diag);
+  }
+  T s[M], u_row[M], lead_coef[M];
+  warp_gram_spectrum<HardwareWarp, T, M>(warp, row, r, args.normalize, args.dim, s, u_row, lead_coef);
+  if (!lanes.valid) return;  // the whole warp: one instance
+  if (lanes.lane < M) {
+    T* u = static_cast<T*>(args.u) + (lanes.instance * M + lanes.lane) * M;
+    PMRL_UNROLL
+    for (int k = 0; k < M; ++k) u[k] = u_row[k];
+  }
+  write_s_and_lead<In, T, M>(lanes, args, vec, r, s, lead_coef);
 }
 
 }  // namespace forward_detail
@@ -116,7 +160,12 @@ cudaError_t gram_eig_forward_in(const ForwardArgs& args, cudaStream_t stream) {
   using namespace forward_detail;
   return launch_over_instances<Lo, Hi>(args, {args.lead}, stream, [](auto types, auto mc) {
     using Ty = decltype(types);
-    return forward_kernel<typename Ty::input, typename Ty::compute, decltype(mc)::value>;
+    constexpr int M = decltype(mc)::value;
+    if constexpr (M >= kWarpMathsMinM) {
+      return warp_forward_kernel<typename Ty::input, typename Ty::compute, M>;
+    } else {
+      return forward_kernel<typename Ty::input, typename Ty::compute, M>;
+    }
   });
 }
 

@@ -5,10 +5,14 @@
 // One group of G lanes per instance (G a power of two <= 32 chosen from D, so short rows do not leave lanes
 // idle; a group never straddles a warp). A group walks D with its lanes on consecutive features (coalesced,
 // 4-element vector loads when every row allows them), accumulates the reductions in registers in the compute
-// type, sums them with warp shuffles, runs the per-instance maths of pmrl/instance.h in every lane (no shared
-// memory, no synchronisation), then walks D once more to write lead or dL/dz. An instance whose reductions over-
-// or underflow walks D twice more (its rows' magnitudes, then the reductions of the scaled rows). Offsets are
-// 64-bit.
+// type, sums them with warp shuffles, runs the per-instance maths, then walks D once more to write lead or dL/dz.
+// An instance whose reductions over- or underflow walks D twice more (its rows' magnitudes, then the reductions of
+// the scaled rows). Offsets are 64-bit.
+//
+// The maths has two forms. Below kWarpMathsMinM every lane runs pmrl/instance.h on the whole M x M matrices in
+// its registers (no shared memory, no synchronisation). From kWarpMathsMinM on, a group is a whole warp and the
+// matrices are spread one row a lane (pmrl/warp_instance.h: the round-robin Jacobi solve), since M x M arrays a
+// lane no longer fit in registers; the backward stages its coefficient rows in shared memory for the pass over D.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,13 +23,29 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "pmrl/instance.h"
 #include "pmrl/launch.h"
+#include "pmrl/warp_instance.h"
 
 namespace pmrl::cuda {
 
 constexpr int kThreads = 256;
 constexpr int kVec = 4;  // features per lane and step when every row is 4-element aligned
+constexpr int kWarpMathsMinM = 9;  // M x M arrays a lane fit in registers up to M = 8 (benchmarks/static_check.py)
+
+// The warp of pmrl/warp_instance.h: the hardware warp, every lane taking part in every exchange.
+struct HardwareWarp {
+  static constexpr int kSize = 32;
+  __device__ __forceinline__ int lane() const { return threadIdx.x & 31; }
+  template <class T>
+  __device__ __forceinline__ T shfl(T x, int src) const {
+    return __shfl_sync(0xffffffffu, x, src);
+  }
+  template <class T>
+  __device__ __forceinline__ T shfl_xor(T x, int mask) const {
+    return __shfl_xor_sync(0xffffffffu, x, mask);
+  }
+  __device__ __forceinline__ unsigned ballot(bool p) const { return __ballot_sync(0xffffffffu, p); }
+};
 
 // Conversions between the storage and the compute type: implicit for float and double, intrinsics for the 16-bit
 // types (torch's build disables their implicit conversions).
@@ -68,19 +88,26 @@ __device__ __forceinline__ void store(Out* p, const T (&x)[V]) {
   *reinterpret_cast<Pack<Out, V>*>(p) = pack;
 }
 
-// Sum over the `group` lanes of an instance (aligned, a power of two); every lane of the warp must call it.
+// Sum over the `group` lanes of an instance (aligned, a power of two, the same in the whole warp); every lane of the
+// warp must call it. Unrolled over the five possible offsets, largest first, each taken while below group.
 template <class T>
 __device__ __forceinline__ T group_sum(T v, int group) {
-  for (int offset = group >> 1; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  PMRL_UNROLL
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    if (offset < group) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
   return v;
 }
 
 // NaN-propagating maximum over the `group` lanes; every lane of the warp must call it.
 template <class T>
 __device__ __forceinline__ T group_max(T v, int group) {
-  for (int offset = group >> 1; offset > 0; offset >>= 1) {
-    const T o = __shfl_xor_sync(0xffffffffu, v, offset);
-    v = o > v || !(o <= Num<T>::max()) ? o : v;
+  PMRL_UNROLL
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    if (offset < group) {
+      const T o = __shfl_xor_sync(0xffffffffu, v, offset);
+      v = o > v || !(o <= Num<T>::max()) ? o : v;
+    }
   }
   return v;
 }
@@ -146,12 +173,12 @@ struct Lanes {
     row_scales<T, M>(amax, normalize, r);
   }
 
-  // out[r * stride + d] = rout[r] (scale[r] (sum_m a[r][m] (rin[m] z_m[d]) + e[r] extra[d])) for r < R (extra may
-  // be null): the rows scaled by rin as the maths saw them (pmrl/instance.h; 1 on the usual path).
-  template <int V, int R, class T, class Out>
-  __device__ __forceinline__ void write_rows(const T (&a)[R][M], const T (&rin)[M], const T (&e)[R],
-                                             const T (&scale)[R], const T (&rout)[R], const T* extra, Out* out,
-                                             int64_t stride) const {
+  // out[r * stride + d] = rout[r] (scale[r] (sum_m a(r, m) (rin[m] z_m[d]) + e[r] extra[d])) for r < R (extra may
+  // be null): the rows scaled by rin as the maths saw them (pmrl/instance.h; 1 on the usual path). a(r, m) reads
+  // a coefficient from registers or shared memory.
+  template <int V, int R, class T, class Out, class Coef>
+  __device__ __forceinline__ void write_rows(Coef a, const T (&rin)[M], const T (&e)[R], const T (&scale)[R],
+                                             const T (&rout)[R], const T* extra, Out* out, int64_t stride) const {
     for_features<V, T>([&](int64_t d, const T (&x)[M][V]) {
       T g[V];
       PMRL_UNROLL
@@ -164,7 +191,7 @@ struct Lanes {
         for (int v = 0; v < V; ++v) {
           y[v] = e[r] * g[v];
           PMRL_UNROLL
-          for (int m = 0; m < M; ++m) y[v] += a[r][m] * (rin[m] * x[m][v]);
+          for (int m = 0; m < M; ++m) y[v] += a(r, m) * (rin[m] * x[m][v]);
           y[v] = rout[r] * (scale[r] * y[v]);
         }
         store<V>(out + r * stride + d, y);
@@ -188,16 +215,16 @@ bool allow_vec(const Rows& z, int m, int64_t dim, std::initializer_list<const vo
   return true;
 }
 
-// The most lanes an instance gets (pmrl::lanes_per_instance): 32, or PMRL_CUDA_MAX_LANES, read at each launch so
-// that benchmarks/gpu_check.py can time smaller groups beside the default in one process.
+// The most lanes an instance gets below kWarpMathsMinM (pmrl::lanes_per_instance): 32, or PMRL_CUDA_MAX_LANES,
+// read at each launch so that one process can time several group sizes.
 inline int max_lanes() {
   const char* value = std::getenv("PMRL_CUDA_MAX_LANES");
   return value ? std::atoi(value) : 32;
 }
 
 // Launches kernel_for(Types<In, T>{}, integral_constant M) (a kernel taking (args, group, vec)) for the
-// arguments' dtype and M (in [Lo, Hi]), one group of lanes per instance; compute_rows are the [B, D] tensors of the
-// compute type the kernel reads or writes (null: none).
+// arguments' dtype and M (in [Lo, Hi]), one group of lanes per instance (a warp from kWarpMathsMinM on);
+// compute_rows are the [B, D] tensors of the compute type the kernel reads or writes (null: none).
 template <int Lo, int Hi, class Args, class KernelFor>
 cudaError_t launch_over_instances(const Args& args, std::initializer_list<const void*> compute_rows,
                                   cudaStream_t stream, KernelFor kernel_for) {
@@ -205,7 +232,8 @@ cudaError_t launch_over_instances(const Args& args, std::initializer_list<const 
   dispatch_types<__half, __nv_bfloat16, Lo, Hi>(args.dtype, args.m, [&](auto types, auto mc) {
     using Ty = decltype(types);
     const bool vec = allow_vec<typename Ty::input, typename Ty::compute>(args.z, args.m, args.dim, compute_rows);
-    const int group = lanes_per_instance(args.dim, vec ? kVec : 1, max_lanes());
+    const int group = decltype(mc)::value >= kWarpMathsMinM ? 32 : lanes_per_instance(args.dim, vec ? kVec : 1,
+                                                                                        max_lanes());
     const int64_t blocks = (args.batch * group + kThreads - 1) / kThreads;
     kernel_for(types, mc)<<<dim3(static_cast<unsigned>(blocks)), kThreads, 0, stream>>>(args, group, vec);
   });

@@ -10,17 +10,11 @@
 
 #if defined(__CUDACC__)
 #define PMRL_HD __host__ __device__ __forceinline__
-#define PMRL_PRAGMA(x) _Pragma(#x)
 // Full unrolling keeps per-instance arrays in registers (indices become compile-time constants).
 #define PMRL_UNROLL _Pragma("unroll")
-// For a loop over the modalities, inside a template on M: unrolled only while the M x M arrays can live in
-// registers at all (M <= kUnrollMaxM); beyond that they spill anyway, and full unrolling of the O(M^3) maths
-// would take nvcc minutes per kernel.
-#define PMRL_UNROLL_M PMRL_PRAGMA(unroll((M) <= ::pmrl::kUnrollMaxM ? (M) : 1))
 #else
 #define PMRL_HD inline
 #define PMRL_UNROLL
-#define PMRL_UNROLL_M
 #endif
 
 namespace pmrl {
@@ -34,8 +28,6 @@ constexpr double kSignTol = 1e-4;
 
 constexpr int kMinM = 2;
 constexpr int kMaxM = 16;
-
-constexpr int kUnrollMaxM = 8;  // see PMRL_UNROLL_M
 
 // Cyclic Jacobi rotates (p, q) while a_pq^2 > (kJacobiRelTol eps)^2 |a_pp a_qq| and converges quadratically
 // (M = 16 needs about 10 sweeps in double precision); the cap only bounds the work on pathological input, so the

@@ -28,7 +28,7 @@ PMRL_HD bool jacobi_rotate(T a[M][M], T v[M][M], int p, int q) {
   const T s = t * c;
   a[p][p] -= t * apq;
   a[q][q] += t * apq;
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int r = 0; r < M; ++r) {
     if (r != p && r != q) {
       const T arp = a[r][p], arq = a[r][q];
@@ -48,18 +48,18 @@ PMRL_HD bool jacobi_rotate(T a[M][M], T v[M][M], int p, int q) {
 template <class T, int M>
 PMRL_HD void jacobi_eigh(T a[M][M], T v[M][M]) {
   using N = Num<T>;
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int r = 0; r < M; ++r) {
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int c = 0; c < M; ++c) v[r][c] = T(r == c);
   }
   for (int sweep = 0; sweep < kMaxSweeps; ++sweep) {
     bool rotated = false;
     // Both loops run over all M so that their trip counts are constants: nvcc then unrolls them fully and a and v
     // stay in registers (a q loop starting at p + 1 kept them in local memory from M = 5 on).
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int p = 0; p < M; ++p) {
-      PMRL_UNROLL_M
+      PMRL_UNROLL
       for (int q = 0; q < M; ++q) {
         if (q > p) rotated = jacobi_rotate<T, M>(a, v, p, q) || rotated;
       }
@@ -71,15 +71,15 @@ PMRL_HD void jacobi_eigh(T a[M][M], T v[M][M]) {
 // lam descending (a stable sort, so exact ties keep the solver's order), then clamped at 0; columns of u follow.
 template <class T, int M>
 PMRL_HD void sort_descending_clamped(T lam[M], T u[M][M]) {
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int pass = 0; pass < M - 1; ++pass) {
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int k = 0; k < M - 1; ++k) {
       if (lam[k] < lam[k + 1]) {
         const T l = lam[k];
         lam[k] = lam[k + 1];
         lam[k + 1] = l;
-        PMRL_UNROLL_M
+        PMRL_UNROLL
         for (int r = 0; r < M; ++r) {
           const T x = u[r][k];
           u[r][k] = u[r][k + 1];
@@ -88,7 +88,7 @@ PMRL_HD void sort_descending_clamped(T lam[M], T u[M][M]) {
       }
     }
   }
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int k = 0; k < M; ++k) lam[k] = lam[k] > T(0) ? lam[k] : T(0);
 }
 
@@ -97,18 +97,18 @@ PMRL_HD void sort_descending_clamped(T lam[M], T u[M][M]) {
 // with |u_r| > kSignTol decides, and a column with none keeps its sign.
 template <class T, int M>
 PMRL_HD void canonical_signs(T u[M][M]) {
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int k = 0; k < M; ++k) {
     T sum = T(0);
     T first = T(0);
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int r = 0; r < M; ++r) {
       sum += u[r][k];
       if (first == T(0) && Num<T>::abs(u[r][k]) > T(kSignTol)) first = u[r][k];
     }
     const T key = Num<T>::abs(sum) > T(kSignTol) ? sum : first;
     if (key < T(0)) {
-      PMRL_UNROLL_M
+      PMRL_UNROLL
       for (int r = 0; r < M; ++r) u[r][k] = -u[r][k];
     }
   }
@@ -119,22 +119,22 @@ PMRL_HD void canonical_signs(T u[M][M]) {
 template <class T, int M>
 PMRL_HD void eigh_descending(T g[M][M], T lam[M], T u[M][M]) {
   bool finite = true;
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int r = 0; r < M; ++r) {
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int c = 0; c < M; ++c) finite = finite && is_finite(g[r][c]);
   }
   if (!finite) {
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int r = 0; r < M; ++r) {
       lam[r] = quiet_nan<T>();
-      PMRL_UNROLL_M
+      PMRL_UNROLL
       for (int c = 0; c < M; ++c) u[r][c] = quiet_nan<T>();
     }
     return;
   }
   jacobi_eigh<T, M>(g, u);
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int k = 0; k < M; ++k) lam[k] = g[k][k];
   sort_descending_clamped<T, M>(lam, u);
   canonical_signs<T, M>(u);

@@ -37,7 +37,7 @@ PMRL_HD bool gram_needs_rescale(const T (&diag)[M], bool normalize) {
   const T low = Num<T>::sqrt(Num<T>::tiny());
   T gmax = T(0);
   bool finite = true, small = false;
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) {
     finite = finite && diag[m] <= Num<T>::max();
     small = small || diag[m] < low;
@@ -52,12 +52,12 @@ template <class T, int M>
 PMRL_HD void row_scales(const T amax[M], bool normalize, T r[M]) {
   T top = T(0);
   bool finite = true;
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) {
     finite = finite && amax[m] <= Num<T>::max();
     top = amax[m] > top ? amax[m] : top;
   }
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) r[m] = !finite ? T(1) : scale_for(normalize ? amax[m] : top);
 }
 
@@ -76,29 +76,29 @@ PMRL_HD void gram_spectrum(T g[M][M], const T r[M], bool normalize, int64_t dim,
   // finite value (reached only by a zero row, where c / NORM_EPS can overflow)
   T w[M];
   T top = T(0);
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) {
     w[m] = normalize ? inverse_norm(g[m][m], r[m]) : T(1);
     const T norm = Num<T>::sqrt(g[m][m]) * w[m];  // ||zn_m||
     top = norm > top ? norm : top;
   }
   const T c = scale_for(top);
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) w[m] = cap_finite(w[m] * c);
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) {
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int n = 0; n < M; ++n) g[m][n] = (g[m][n] * w[m]) * w[n];  // w_m w_n alone can overflow
   }
   T lam[M];
   eigh_descending<T, M>(g, lam, sp.u);
   // S = S_c / c, and without normalisation the rows were r Z: S = S_c / (c r)
   const T undo = normalize ? T(1) : r[0];
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int k = 0; k < M; ++k) sp.s[k] = k < dim ? Num<T>::sqrt(lam[k]) / c / undo : T(0) * lam[k];  // NaN stays
   // lead = Zn_c^T u_1 / sigma_1c, with 1/sigma_1c floored at the dtype's smallest normal: all-zero rows give 0
   const T inv_s1 = safe_inverse(Num<T>::sqrt(lam[0]), Num<T>::tiny());
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) sp.lead_coef[m] = sp.u[m][0] * w[m] * inv_s1;
 }
 
@@ -122,7 +122,7 @@ PMRL_HD void backward_coefficients(const T s_in[M], const T u[M][M], const T* gr
   const T tiny = Num<T>::tiny();
   const T c = scale_for(s_in[0]);
   T s[M], lam[M];
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int k = 0; k < M; ++k) {
     s[k] = s_in[k] * c;
     lam[k] = s[k] * s[k];
@@ -131,7 +131,7 @@ PMRL_HD void backward_coefficients(const T s_in[M], const T u[M][M], const T* gr
 
   T w[M];    // c / max(||zhat_m||, r_m NORM_EPS): zn_cm = w_m zhat_m; 1 without normalize, where r_m = c
   T zng[M];  // zn_cm . gbar
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) {
     w[m] = normalize ? cap_finite(inverse_norm(sq[m], r[m]) * c) : T(1);
     zng[m] = has_grad_lead ? zg[m] * (normalize ? w[m] : c) : T(0);
@@ -139,26 +139,26 @@ PMRL_HD void backward_coefficients(const T s_in[M], const T u[M][M], const T* gr
   }
 
   T k[M][M];
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int i = 0; i < M; ++i) {
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int j = 0; j < M; ++j) k[i][j] = T(0);
   }
   if (grad_s != nullptr) {
     const T floor_sq = T(kSigmaEps) * s[0] * T(kSigmaEps) * s[0] + tiny;
     // dL/dsigma_kc = dL/dsigma_k / c
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int j = 0; j < M; ++j) k[j][j] = grad_s[j] / c * safe_inverse(s[j], floor_sq);
   }
   T v[M];  // dL/dZn_c = C Zn_c + v gbar^T
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) v[m] = has_grad_lead ? u[m][0] * inv_s1 : T(0);
   if (has_grad_lead) {
     const T gap_floor_sq = T(kGapEps) * lam[0] * T(kGapEps) * lam[0] + tiny;
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int j = 1; j < M; ++j) {
       T b = T(0);
-      PMRL_UNROLL_M
+      PMRL_UNROLL
       for (int m = 0; m < M; ++m) b += u[m][j] * zng[m];
       const T h = b * safe_inverse(lam[0] - lam[j], gap_floor_sq) * inv_s1;
       k[j][0] += h;
@@ -168,22 +168,22 @@ PMRL_HD void backward_coefficients(const T s_in[M], const T u[M][M], const T* gr
   }
 
   T uk[M][M];  // U K
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) {
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int j = 0; j < M; ++j) {
       T acc = T(0);
-      PMRL_UNROLL_M
+      PMRL_UNROLL
       for (int l = 0; l < M; ++l) acc += u[m][l] * k[l][j];
       uk[m][j] = acc;
     }
   }
-  PMRL_UNROLL_M
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) {
-    PMRL_UNROLL_M
+    PMRL_UNROLL
     for (int n = 0; n < M; ++n) {
       T cmn = T(0);
-      PMRL_UNROLL_M
+      PMRL_UNROLL
       for (int j = 0; j < M; ++j) cmn += uk[m][j] * u[n][j];
       a[m][n] = cmn * w[n];
     }
@@ -191,7 +191,7 @@ PMRL_HD void backward_coefficients(const T s_in[M], const T u[M][M], const T* gr
     // the radial part is (dL/dzn_c . zn_c) zn_c / c^2.
     if (normalize && !(Num<T>::sqrt(sq[m]) <= r[m] * T(kNormEps))) {
       T radial = v[m] * zng[m];
-      PMRL_UNROLL_M
+      PMRL_UNROLL
       for (int j = 0; j < M; ++j) radial += uk[m][j] * lam[j] * u[m][j];
       a[m][m] -= radial * w[m] / (c * c);
     }
