@@ -97,13 +97,12 @@ std::tuple<Tensor, Tensor, Tensor> gram_eig_impl(at::TensorList zs, bool normali
 }
 
 template <class Launch>
-Tensor gram_eig_backward_impl(at::TensorList zs, const Tensor& s, const Tensor& u, const Tensor& lead,
+Tensor gram_eig_backward_impl(at::TensorList zs, const Tensor& s, const Tensor& u,
                               const std::optional<Tensor>& grad_s, const std::optional<Tensor>& grad_lead,
                               bool normalize, Launch launch) {
   const Modalities z(zs);
   const Tensor s_c = prepared(s, {z.batch, z.m}, z, "S");
   const Tensor u_c = prepared(u, {z.batch, z.m, z.m}, z, "U");
-  const Tensor lead_c = prepared(lead, {z.batch, z.dim}, z, "lead");
   const Tensor grad_s_c = grad_s ? prepared(*grad_s, {z.batch, z.m}, z, "grad_S") : Tensor();
   const Tensor grad_lead_c = grad_lead ? prepared(*grad_lead, {z.batch, z.dim}, z, "grad_lead") : Tensor();
   // [B, M, D] laid out modality-major: dz[:, m] is a contiguous [B, D] tensor, so the per-modality gradients of
@@ -111,8 +110,7 @@ Tensor gram_eig_backward_impl(at::TensorList zs, const Tensor& s, const Tensor& 
   Tensor dz = at::empty({z.m, z.batch, z.dim}, z.tensors[0].options()).transpose(0, 1);
   if (z.batch > 0) {
     launch(pmrl::BackwardArgs{z.rows, dtype_code(z.dtype), z.m, z.batch, z.dim, normalize, s_c.data_ptr(),
-                              u_c.data_ptr(), lead_c.data_ptr(),
-                              grad_s_c.defined() ? grad_s_c.data_ptr() : nullptr,
+                              u_c.data_ptr(), grad_s_c.defined() ? grad_s_c.data_ptr() : nullptr,
                               grad_lead_c.defined() ? grad_lead_c.data_ptr() : nullptr, dz.data_ptr(), dz.stride(0),
                               dz.stride(1)});
   }
@@ -123,10 +121,10 @@ std::tuple<Tensor, Tensor, Tensor> gram_eig_cpu(at::TensorList zs, bool normaliz
   return gram_eig_impl(zs, normalize, [](const pmrl::ForwardArgs& args) { pmrl::cpu::gram_eig_forward(args); });
 }
 
-Tensor gram_eig_backward_cpu(at::TensorList zs, const Tensor& s, const Tensor& u, const Tensor& lead,
+Tensor gram_eig_backward_cpu(at::TensorList zs, const Tensor& s, const Tensor& u,
                              const std::optional<Tensor>& grad_s, const std::optional<Tensor>& grad_lead,
                              bool normalize) {
-  return gram_eig_backward_impl(zs, s, u, lead, grad_s, grad_lead, normalize,
+  return gram_eig_backward_impl(zs, s, u, grad_s, grad_lead, normalize,
                                 [](const pmrl::BackwardArgs& args) { pmrl::cpu::gram_eig_backward(args); });
 }
 
@@ -143,12 +141,12 @@ std::tuple<Tensor, Tensor, Tensor> gram_eig_cuda(at::TensorList zs, bool normali
   });
 }
 
-Tensor gram_eig_backward_cuda(at::TensorList zs, const Tensor& s, const Tensor& u, const Tensor& lead,
+Tensor gram_eig_backward_cuda(at::TensorList zs, const Tensor& s, const Tensor& u,
                               const std::optional<Tensor>& grad_s, const std::optional<Tensor>& grad_lead,
                               bool normalize) {
   TORCH_CHECK(!zs.empty(), "pmrl_kernels: zs is empty");
   const c10::cuda::CUDAGuard guard(zs[0].device());
-  return gram_eig_backward_impl(zs, s, u, lead, grad_s, grad_lead, normalize, [](const pmrl::BackwardArgs& args) {
+  return gram_eig_backward_impl(zs, s, u, grad_s, grad_lead, normalize, [](const pmrl::BackwardArgs& args) {
     check_launch(pmrl::cuda::gram_eig_backward(args, c10::cuda::getCurrentCUDAStream()));
   });
 }
@@ -161,8 +159,8 @@ Tensor gram_eig_backward_cuda(at::TensorList zs, const Tensor& s, const Tensor& 
 TORCH_LIBRARY_FRAGMENT(pmrl_kernels, m) {
   m.def("cxx_gram_eig_fwd(Tensor[] zs, bool normalize) -> (Tensor S, Tensor U, Tensor lead)");
   m.def(
-      "cxx_gram_eig_bwd(Tensor[] zs, Tensor S, Tensor U, Tensor lead, Tensor? grad_S, Tensor? grad_lead, "
-      "bool normalize) -> Tensor");
+      "cxx_gram_eig_bwd(Tensor[] zs, Tensor S, Tensor U, Tensor? grad_S, Tensor? grad_lead, bool normalize) -> "
+      "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pmrl_kernels, CPU, m) {

@@ -6,7 +6,7 @@ from typing import Callable, Union
 
 import torch
 
-# forward(zs, normalize) -> (S, U, lead); backward(zs, S, U, lead, grad_S, grad_lead, normalize) -> dz [B, M, D]
+# forward(zs, normalize) -> (S, U, lead); backward(zs, S, U, grad_S, grad_lead, normalize) -> dz [B, M, D]
 Forward = Callable[[list, bool], tuple]
 Backward = Callable[..., torch.Tensor]
 
@@ -21,7 +21,7 @@ def gram_eig_autograd(forward: Forward, backward: Backward) -> Callable:
 
     def save(ctx, normalize, inputs, zs):
         s, u, lead = forward(zs, normalize)
-        ctx.save_for_backward(*inputs, s, u, lead)
+        ctx.save_for_backward(*inputs, s, u)  # the backward needs no lead (reference.gram_eig_backward)
         ctx.normalize = normalize
         ctx.mark_non_differentiable(u)
         # An output the loss does not use gets None, not zeros: with reg_weight = 0 the backward never reads
@@ -32,8 +32,8 @@ def gram_eig_autograd(forward: Forward, backward: Backward) -> Callable:
     def gradient(ctx, grad_s, grad_lead, as_rows):
         if grad_s is None and grad_lead is None:
             return None
-        *inputs, s, u, lead = ctx.saved_tensors
-        return backward(as_rows(inputs), s, u, lead, grad_s, grad_lead, ctx.normalize)
+        *inputs, s, u = ctx.saved_tensors
+        return backward(as_rows(inputs), s, u, grad_s, grad_lead, ctx.normalize)
 
     class GramEigRows(torch.autograd.Function):
         @staticmethod
@@ -44,7 +44,7 @@ def gram_eig_autograd(forward: Forward, backward: Backward) -> Callable:
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_s, grad_u, grad_lead):
             dz = gradient(ctx, grad_s, grad_lead, list)
-            n = len(ctx.saved_tensors) - 3
+            n = len(ctx.saved_tensors) - 2
             return (None,) * (1 + n) if dz is None else (None, *dz.unbind(1))
 
     class GramEigTensor(torch.autograd.Function):

@@ -91,12 +91,12 @@ def gram_eig_backward(
     zs: list[torch.Tensor],
     s: torch.Tensor,
     u: torch.Tensor,
-    lead: torch.Tensor,
     grad_s: Optional[torch.Tensor],
     grad_lead: Optional[torch.Tensor],
     normalize: bool,
 ) -> torch.Tensor:
-    """dL/dz [B, M, D] in the input dtype, given dL/dS and dL/dlead (either may be None for zero).
+    """dL/dz [B, M, D] in the input dtype, given dL/dS and dL/dlead (either may be None for zero). lead is not an
+    input: lead . dL/dlead is b_1 / sigma_1 (below), which every backend takes instead of reading lead again.
 
     Computed on Zn_c = c Zn of the scaled rows zhat = r z (scaled_rows, instance_scale), where S_c = c S (c r S
     without normalisation), then mapped back: dL/dZn = c dL/dZn_c, dL/dz = r dL/dzhat. A row whose entries are all
@@ -123,7 +123,7 @@ def gram_eig_backward(
         gbar = grad_lead.to(cd)
         a = (zn @ gbar[:, :, None]).squeeze(-1)  # [B, M]
         b = (u.transpose(-1, -2) @ a[:, :, None]).squeeze(-1)  # b_k = u_k . a
-        lg = (lead * gbar).sum(-1, keepdim=True)  # [B, 1]
+        lg = b[:, :1] * inv_s1  # lead . gbar = u_1 . (Zn_c gbar) / sigma_1c  [B, 1]
         gap = lam1 - lam
         h = b * safe_inverse(gap, (GAP_EPS * lam1) ** 2 + tiny) * inv_s1
         h[:, 0] = 0

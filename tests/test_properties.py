@@ -425,8 +425,8 @@ def own_state_gradient(case, z64, s, u, lead, w):
     if case.reg_weight:
         loss = loss + case.reg_weight * terms.contrastive(lead, lead, case.tau_reg)
     grad_s, grad_lead = torch.autograd.grad(loss, [s, lead], w, allow_unused=True)
-    return reference.gram_eig_backward(list(z64.unbind(1)), s.detach(), u.double(), lead.detach(), grad_s,
-                                       grad_lead, case.normalize)
+    return reference.gram_eig_backward(list(z64.unbind(1)), s.detach(), u.double(), grad_s, grad_lead,
+                                       case.normalize)
 
 
 def check_grad(what, case, grad, exact, scale, rtol):

@@ -232,7 +232,7 @@ def test_half_precision_input_gives_the_float32_results_rounded(dtype):
     for name, a, e, base in zip(("S", "U", "lead"), half[:3], exact, single[:3]):
         assert_fa_close(a, e, base, name, fa_atol(torch.float32))
     grad_s, grad_lead = _upstream(half[0], half[2])
-    exact_dz = reference.gram_eig_backward(zs64, *exact, f64(grad_s), f64(grad_lead), True)
+    exact_dz = reference.gram_eig_backward(zs64, *exact[:2], f64(grad_s), f64(grad_lead), True)
     assert_fa_close(half[3], exact_dz, single[3].to(dtype), "dz", fa_atol(dtype))
 
 

@@ -162,7 +162,6 @@ void backward_range(const BackwardArgs& args, int64_t begin, int64_t end) {
     const InstanceRows<In, T, M> inst(args.z, i, dim);
     const T* gbar = args.grad_lead ? static_cast<const T*>(args.grad_lead) + i * dim : nullptr;
     T sq[M] = {}, zg[M] = {};
-    T lg = T(0);
     if (args.normalize || gbar != nullptr) {
       inst.for_chunks(staging, [&](const T* const (&x)[M], int64_t d0, int64_t n) {
         for (int m = 0; m < M; ++m) {
@@ -187,13 +186,12 @@ void backward_range(const BackwardArgs& args, int64_t begin, int64_t end) {
         }
       });
     }
-    if (gbar != nullptr) lg = dot(static_cast<const T*>(args.lead) + i * dim, gbar, dim);
     T s[M], u[M][M];
     std::copy_n(static_cast<const T*>(args.s) + i * M, M, s);
     std::copy_n(static_cast<const T*>(args.u) + i * M * M, M * M, &u[0][0]);
     const T* grad_s = args.grad_s ? static_cast<const T*>(args.grad_s) + i * M : nullptr;
     T a[M][M], e[M], out_scale[M];
-    backward_coefficients<T, M>(s, u, grad_s, gbar != nullptr, sq, zg, lg, args.normalize, r, a, e, out_scale);
+    backward_coefficients<T, M>(s, u, grad_s, gbar != nullptr, sq, zg, args.normalize, r, a, e, out_scale);
     In* dz = static_cast<In*>(args.dz) + i * args.dz_stride_b;
     inst.for_chunks(staging, [&](const T* const (&x)[M], int64_t d0, int64_t n) {
       for (int m = 0; m < M; ++m) {

@@ -7,20 +7,18 @@
 namespace pmrl::cuda {
 namespace backward_detail {
 
-// sq[m] = zhat_m . zhat_m (with normalize), zg[m] = zhat_m . gbar and lg = lead . gbar (with gbar and lead; lead
-// may be null), zhat = r z, summed over the group's lanes.
+// sq[m] = zhat_m . zhat_m (with normalize) and zg[m] = zhat_m . gbar (with gbar), zhat = r z, summed over the
+// group's lanes.
 template <class In, class T, int M, bool Scaled>
 __device__ __forceinline__ void reductions(const Lanes<In, M>& lanes, bool vec, bool normalize, const T* gbar,
-                                           const T* lead, const T (&r)[M], T (&sq)[M], T (&zg)[M], T& lg) {
+                                           const T (&r)[M], T (&sq)[M], T (&zg)[M]) {
   PMRL_UNROLL
   for (int m = 0; m < M; ++m) sq[m] = zg[m] = T(0);
-  lg = T(0);
   with_vec(vec, [&](auto vc) {
     constexpr int V = decltype(vc)::value;
     lanes.template for_features<V, T>([&](int64_t d, const T (&x)[M][V]) {
-      T g[V], l[V];
+      T g[V];
       if (gbar != nullptr) load<V>(gbar + d, g);
-      if (lead != nullptr) load<V>(lead + d, l);
       PMRL_UNROLL
       for (int v = 0; v < V; ++v) {
         PMRL_UNROLL
@@ -29,7 +27,6 @@ __device__ __forceinline__ void reductions(const Lanes<In, M>& lanes, bool vec, 
           if (normalize) sq[m] += xs * xs;
           if (gbar != nullptr) zg[m] += xs * g[v];
         }
-        if (lead != nullptr) lg += l[v] * g[v];
       }
     });
   });
@@ -38,7 +35,6 @@ __device__ __forceinline__ void reductions(const Lanes<In, M>& lanes, bool vec, 
     sq[m] = group_sum(sq[m], lanes.group);
     zg[m] = group_sum(zg[m], lanes.group);
   }
-  lg = group_sum(lg, lanes.group);
 }
 
 // The reductions of the rows scaled by r (docs/maths.md, "Scale"): r = 1 unless a row's squared norm over- or
@@ -46,22 +42,21 @@ __device__ __forceinline__ void reductions(const Lanes<In, M>& lanes, bool vec, 
 // it, and the others keep r = 1, which reproduces their fast-path sums exactly.
 template <class In, class T, int M>
 __device__ __forceinline__ void scaled_reductions(const Lanes<In, M>& lanes, bool vec, bool normalize, const T* gbar,
-                                                  const T* lead, T (&r)[M], T (&sq)[M], T (&zg)[M], T& lg) {
+                                                  T (&r)[M], T (&sq)[M], T (&zg)[M]) {
   PMRL_UNROLL
   for (int m = 0; m < M; ++m) {
     sq[m] = zg[m] = T(0);
     r[m] = T(1);
   }
-  lg = T(0);
   if (!normalize && gbar == nullptr) return;
-  reductions<In, T, M, false>(lanes, vec, normalize, gbar, lead, r, sq, zg, lg);
+  reductions<In, T, M, false>(lanes, vec, normalize, gbar, r, sq, zg);
   const bool needs = lanes.valid && normalize && gram_needs_rescale<T, M>(sq, true);
   if (__any_sync(0xffffffffu, needs)) {
     T scaled[M];
     with_vec(vec, [&](auto vc) { lanes.template rescale<decltype(vc)::value>(true, scaled); });
     PMRL_UNROLL
     for (int m = 0; m < M; ++m) r[m] = needs ? scaled[m] : T(1);
-    reductions<In, T, M, true>(lanes, vec, normalize, gbar, lead, r, sq, zg, lg);
+    reductions<In, T, M, true>(lanes, vec, normalize, gbar, r, sq, zg);
   }
 }
 
@@ -72,9 +67,8 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   const Lanes<In, M> lanes(args.z, args.batch, args.dim, group);
   const int64_t i = lanes.valid ? lanes.instance : 0;
   const T* gbar = args.grad_lead ? static_cast<const T*>(args.grad_lead) + i * args.dim : nullptr;
-  const T* lead = static_cast<const T*>(args.lead) + i * args.dim;
-  T sq[M], zg[M], r[M], lg;
-  scaled_reductions<In, T, M>(lanes, vec, args.normalize, gbar, gbar != nullptr ? lead : nullptr, r, sq, zg, lg);
+  T sq[M], zg[M], r[M];
+  scaled_reductions<In, T, M>(lanes, vec, args.normalize, gbar, r, sq, zg);
   if (!lanes.valid) return;
   T s[M], u[M][M];
   const T* s_in = static_cast<const T*>(args.s) + i * M;
@@ -87,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   }
   const T* grad_s = args.grad_s ? static_cast<const T*>(args.grad_s) + i * M : nullptr;
   T a[M][M], e[M], out_scale[M];
-  backward_coefficients<T, M>(s, u, grad_s, gbar != nullptr, sq, zg, lg, args.normalize, r, a, e, out_scale);
+  backward_coefficients<T, M>(s, u, grad_s, gbar != nullptr, sq, zg, args.normalize, r, a, e, out_scale);
   In* dz = static_cast<In*>(args.dz) + i * args.dz_stride_b;
   with_vec(vec, [&](auto vc) {
     lanes.template write_rows<decltype(vc)::value>([&](int m, int n) { return a[m][n]; }, r, e, out_scale, r, gbar,
@@ -96,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
 }
 
 // M >= kWarpMathsMinM: one warp an instance, U and the coefficients a row a lane (pmrl/warp_instance.h); the
-// coefficient rows go through shared memory to every lane for the pass over D. lead is not read.
+// coefficient rows go through shared memory to every lane for the pass over D.
 template <class In, class T, int M>
 __global__ void __launch_bounds__(kThreads, 1) warp_backward_kernel(const BackwardArgs args, int group, bool vec) {
   __shared__ T stage[kThreads / 32][M][M];
@@ -105,8 +99,8 @@ __global__ void __launch_bounds__(kThreads, 1) warp_backward_kernel(const Backwa
   const int lane = warp.lane();
   const int64_t i = lanes.valid ? lanes.instance : 0;
   const T* gbar = args.grad_lead ? static_cast<const T*>(args.grad_lead) + i * args.dim : nullptr;
-  T sq[M], zg[M], r[M], lg;
-  scaled_reductions<In, T, M>(lanes, vec, args.normalize, gbar, nullptr, r, sq, zg, lg);
+  T sq[M], zg[M], r[M];
+  scaled_reductions<In, T, M>(lanes, vec, args.normalize, gbar, r, sq, zg);
   if (!lanes.valid) return;  // the whole warp: one instance
   T s[M], u_row[M];
   const T* s_in = static_cast<const T*>(args.s) + i * M;
@@ -138,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) warp_backward_kernel(const Backwa
 template <int Lo, int Hi>
 cudaError_t gram_eig_backward_in(const BackwardArgs& args, cudaStream_t stream) {
   using namespace backward_detail;
-  return launch_over_instances<Lo, Hi>(args, {args.lead, args.grad_lead}, stream, [](auto types, auto mc) {
+  return launch_over_instances<Lo, Hi>(args, {args.grad_lead}, stream, [](auto types, auto mc) {
     using Ty = decltype(types);
     constexpr int M = decltype(mc)::value;
     if constexpr (M >= kWarpMathsMinM) {

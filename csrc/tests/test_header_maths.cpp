@@ -197,14 +197,13 @@ struct Instance {
     // without normalize the backward takes the raw rows and scales them itself
     double rb[M];
     for (int m = 0; m < M; ++m) rb[m] = normalize ? r[m] : 1.0;
-    double sq[M] = {}, zg[M] = {}, lg = 0, a[M][M], e[M], out[M];
+    double sq[M] = {}, zg[M] = {}, a[M][M], e[M], out[M];
     for (int m = 0; m < M; ++m)
       for (int d = 0; d < dim; ++d) {
         sq[m] += rb[m] * z[m * dim + d] * (rb[m] * z[m * dim + d]);
         zg[m] += rb[m] * z[m * dim + d] * gl[d];
       }
-    for (int d = 0; d < dim; ++d) lg += lead[d] * gl[d];
-    pmrl::backward_coefficients<double, M>(sp.s, sp.u, gs, true, sq, zg, lg, normalize, rb, a, e, out);
+    pmrl::backward_coefficients<double, M>(sp.s, sp.u, gs, true, sq, zg, normalize, rb, a, e, out);
     std::vector<double> dz(M * dim, 0.0);
     for (int m = 0; m < M; ++m)
       for (int d = 0; d < dim; ++d) {
@@ -326,7 +325,7 @@ void subnormal_rows_beside_a_zero_row(int dim, int exp, double tol) {
   T gs[M];
   for (T& x : gs) x = static_cast<T>(normal());
   T a[M][M], e[M], out[M];
-  pmrl::backward_coefficients<T, M>(sp.s, sp.u, gs, true, sq, zg, T(0), true, r, a, e, out);
+  pmrl::backward_coefficients<T, M>(sp.s, sp.u, gs, true, sq, zg, true, r, a, e, out);
   std::vector<double> dz(M * dim);
   for (int m = 0; m < M; ++m)
     for (int d = 0; d < dim; ++d) {

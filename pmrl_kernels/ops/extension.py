@@ -3,8 +3,8 @@
 The extension registers two torch ops (csrc/bindings.cpp):
 
     pmrl_kernels::cxx_gram_eig_fwd(Tensor[] zs, bool normalize) -> (Tensor S, Tensor U, Tensor lead)
-    pmrl_kernels::cxx_gram_eig_bwd(Tensor[] zs, Tensor S, Tensor U, Tensor lead, Tensor? grad_S,
-                                   Tensor? grad_lead, bool normalize) -> Tensor   # dL/dz [B, M, D]
+    pmrl_kernels::cxx_gram_eig_bwd(Tensor[] zs, Tensor S, Tensor U, Tensor? grad_S, Tensor? grad_lead,
+                                   bool normalize) -> Tensor   # dL/dz [B, M, D]
 
 dL/dz is laid out modality-major (dz[:, m] contiguous), so the gradient of each input tensor is a view that
 autograd keeps without a copy.
@@ -191,7 +191,7 @@ def _register_fakes() -> None:
         return z.new_empty(b, m, dtype=dtype), z.new_empty(b, m, m, dtype=dtype), z.new_empty(b, d, dtype=dtype)
 
     @torch.library.register_fake("pmrl_kernels::cxx_gram_eig_bwd")
-    def _gram_eig_backward_fake(zs, s, u, lead, grad_s, grad_lead, normalize):
+    def _gram_eig_backward_fake(zs, s, u, grad_s, grad_lead, normalize):
         b, d = zs[0].shape
         return zs[0].new_empty(len(zs), b, d).transpose(0, 1)  # modality-major, as the kernels allocate it
 

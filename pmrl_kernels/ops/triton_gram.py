@@ -401,13 +401,10 @@ def gram_eig_bwd(
 # ----------------------------------------------------------------------------------------------- autograd
 
 
-# (S, U, lead) as reference.gram_eig, float32; gradients to zs through S and lead, none through U. The backward
-# kernel needs no lead (lead . gbar is b_1 / sigma_1).
+# (S, U, lead) as reference.gram_eig, float32; gradients to zs through S and lead, none through U.
 gram_eig = gram_eig_autograd(
     lambda zs, normalize: torch.ops.pmrl_kernels.triton_gram_eig_fwd(zs, normalize),
-    lambda zs, s, u, lead, grad_s, grad_lead, normalize: torch.ops.pmrl_kernels.triton_gram_eig_bwd(
-        zs, s, u, grad_s, grad_lead, normalize
-    ),
+    lambda *args: torch.ops.pmrl_kernels.triton_gram_eig_bwd(*args),
 )
 
 

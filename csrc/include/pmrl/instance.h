@@ -103,8 +103,8 @@ PMRL_HD void gram_spectrum(T g[M][M], const T r[M], bool normalize, int64_t dim,
 }
 
 // Reductions over D the backward takes, on the scaled rows zhat_m = r_m z_m and gbar = dL/dlead:
-//   sq[m] = zhat_m . zhat_m (read only when normalize), zg[m] = zhat_m . gbar and lg = lead . gbar (read only
-//   with gbar). Without normalize the kernels pass r = 1 and the raw reductions; the instance scale c, from
+//   sq[m] = zhat_m . zhat_m (read only when normalize) and zg[m] = zhat_m . gbar (read only with gbar); lead . gbar
+//   is b_1 / sigma_1c (b_k = u_k . (Zn_c gbar), u_1 the leading eigenvector: column 0), so lead is not read. Without normalize the kernels pass r = 1 and the raw reductions; the instance scale c, from
 //   sigma_1 (no pass over D), is then written to r, so that the pass over D scales the rows before the
 //   coefficients meet them (c a[m][n] alone can overflow where dL/dz does not: c reaches 2^126 in float32).
 // Writes a, e and out_scale (and r without normalize) such that
@@ -117,7 +117,7 @@ PMRL_HD void gram_spectrum(T g[M][M], const T r[M], bool normalize, int64_t dim,
 // projected dL/dzn_cm.
 template <class T, int M>
 PMRL_HD void backward_coefficients(const T s_in[M], const T u[M][M], const T* grad_s, bool has_grad_lead,
-                                   const T sq[M], const T zg[M], T lg, bool normalize, T r[M],
+                                   const T sq[M], const T zg[M], bool normalize, T r[M],
                                    T a[M][M], T e[M], T out_scale[M]) {
   const T tiny = Num<T>::tiny();
   const T c = scale_for(s_in[0]);
@@ -155,11 +155,16 @@ PMRL_HD void backward_coefficients(const T s_in[M], const T u[M][M], const T* gr
   for (int m = 0; m < M; ++m) v[m] = has_grad_lead ? u[m][0] * inv_s1 : T(0);
   if (has_grad_lead) {
     const T gap_floor_sq = T(kGapEps) * lam[0] * T(kGapEps) * lam[0] + tiny;
+    T lg = T(0);  // lead . gbar = b_1 / sigma_1c
     PMRL_UNROLL
-    for (int j = 1; j < M; ++j) {
+    for (int j = 0; j < M; ++j) {
       T b = T(0);
       PMRL_UNROLL
       for (int m = 0; m < M; ++m) b += u[m][j] * zng[m];
+      if (j == 0) {
+        lg = b * inv_s1;
+        continue;
+      }
       const T h = b * safe_inverse(lam[0] - lam[j], gap_floor_sq) * inv_s1;
       k[j][0] += h;
       k[0][j] += h;

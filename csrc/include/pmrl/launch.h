@@ -41,8 +41,8 @@ struct ForwardArgs {
   void* lead;
 };
 
-// s, u, lead, grad_s [B, M] and grad_lead [B, D] are contiguous, in the compute type; grad_s and grad_lead may be
-// null (a zero gradient). dz [B, M, D] is in the input dtype, features contiguous: row (i, m) starts at
+// s, u, grad_s [B, M] and grad_lead [B, D] are contiguous, in the compute type; grad_s and grad_lead may be null
+// (a zero gradient). dz [B, M, D] is in the input dtype, features contiguous: row (i, m) starts at
 // dz + i * dz_stride_b + m * dz_stride_m.
 struct BackwardArgs {
   Rows z;
@@ -52,7 +52,6 @@ struct BackwardArgs {
   bool normalize;
   const void* s;
   const void* u;
-  const void* lead;
   const void* grad_s;
   const void* grad_lead;
   void* dz;

@@ -213,8 +213,7 @@ PMRL_HD void warp_gram_spectrum(const W& w, T (&g)[M], const T (&r)[M], bool nor
 
 // backward_coefficients (pmrl/instance.h) with U spread over the lanes: u is lane l's row of U, the other inputs
 // are in every lane. Writes lane l's row a of the coefficients, and e and out_scale (and r without normalize) in
-// every lane, such that dL/dz_m = r_m (out_scale[m] (sum_n a_m[n] (r_n z_n) + e[m] gbar)). lead . gbar is not an
-// input: it is b_0 / sigma_1c (b_j = u_j . (Zn_c gbar)), so the kernel does not read lead.
+// every lane, such that dL/dz_m = r_m (out_scale[m] (sum_n a_m[n] (r_n z_n) + e[m] gbar)).
 template <class W, class T, int M>
 PMRL_HD void warp_backward_coefficients(const W& w, const T (&s_in)[M], const T (&u)[M], const T* grad_s,
                                         bool has_grad_lead, const T (&sq)[M], const T (&zg)[M], bool normalize,
