@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite and the bench on a GPU machine (no network): build, pytest on CUDA, compute-sanitizer over a few
-# tests, pmrl-bench, ncu on the Gram kernels. Each step has its own timeout (build 150 s, pytest 60, bench 45,
-# memcheck and racecheck 30 each, ncu 30 + 10); a step cut by its timeout gets SIGINT first, so pytest and the bench still write what they have. A failed step does not stop the
+# tests, pmrl-bench (M = 4, and the Gram target at M = 16), ncu on the Gram kernels. Each step has its own timeout
+# (build 150 s, pytest 60, bench 45, bench_m16 30, memcheck and racecheck 30 each, ncu 30 + 10); a step cut by its
+# timeout gets SIGINT first, so pytest and the bench still write what they have. A failed step does not stop the
 # others, and the script exits 1 when any step failed.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_run.sh
@@ -15,8 +16,8 @@
 # Variables (defaults below): PMRL_TESTS (test files), PMRL_K (-k of the test step), PMRL_SANITIZER_K (-k of the
 # sanitizer steps), PMRL_BENCH_SIZES, PMRL_BENCH_ARGS (the bench's other flags), PYTHON. Written into $OUT
 # (default ./out/gpu_run): steps.tsv (step, exit status, seconds; the build's seconds are the build time),
-# pytest.xml, memcheck.xml, racecheck.xml (JUnit XML), bench/ (the bench's rows.json, rows.csv, report.txt,
-# plot.png), ncu.ncu-rep and ncu.csv, and each step's output as <step>.log.
+# pytest.xml, memcheck.xml, racecheck.xml (JUnit XML), bench/ and bench_m16/ (the bench's rows.json, rows.csv,
+# report.txt, plot.png), ncu.ncu-rep and ncu.csv, and each step's output as <step>.log.
 set -uo pipefail  # no -e: a failing step is recorded and the next one runs
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -37,7 +38,7 @@ if [[ $MODE == cpu ]]; then  # the same steps at CPU sizes, Triton in its interp
 else
   # the two kernels' own targets, without torch.compile (seconds of compiling a cell): PMRL_BENCH_ARGS= (empty)
   # runs every target and provider
-  DEFAULT_K="cuda and float32" DEFAULT_SIZES="B=65536;M=4,16;D=512" DEVICE=cuda
+  DEFAULT_K="cuda and float32" DEFAULT_SIZES="B=65536;M=4;D=512" DEVICE=cuda
   DEFAULT_BENCH_ARGS="--targets gram_svd,contrastive --providers recipe,svd,torch,reference,cuda,blocked,triton"
 fi
 DEFAULT_TESTS="tests/test_conformance.py tests/test_extension.py tests/test_blocked.py tests/test_triton.py"
@@ -80,6 +81,10 @@ fi
 step pytest 60 "${PYTEST[@]}" "${par[@]}" "${TESTS[@]}" -k "${PMRL_K:-$DEFAULT_K}" --junitxml "$OUT/pytest.xml"
 step bench 45 "${BENCH[@]}" --sizes "${PMRL_BENCH_SIZES:-$DEFAULT_SIZES}" --out "$OUT/bench" "${BENCH_ARGS[@]}"
 if [[ $MODE != cpu ]]; then
+  # the eigen-solve at M = 16 (CUDA's warp kernels, Triton, the chunked torch baselines); the contrastive term does
+  # not depend on M
+  step bench_m16 30 "${BENCH[@]}" --sizes "B=65536;M=16;D=512" --out "$OUT/bench_m16" --targets gram_svd \
+    --providers svd,torch,reference,cuda,triton
   # every tensor its own cudaMalloc, or memcheck cannot see an overrun inside a cached block
   step memcheck 30 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
     --target-processes all "${PYTEST[@]}" "${TESTS[@]}" -k "$SAN_K" --junitxml "$OUT/memcheck.xml"

@@ -388,7 +388,7 @@ def test_gpu_run_script_parses():
 
 
 @pytest.mark.parametrize("flags, names", [
-    ((), ["build", "pytest", "bench", "memcheck", "racecheck", "ncu", "ncu_csv"]),
+    ((), ["build", "pytest", "bench", "bench_m16", "memcheck", "racecheck", "ncu", "ncu_csv"]),
     (("--cpu-smoke",), ["pytest", "bench"]),
 ])
 def test_gpu_run_steps_name_commands_that_exist(flags, names, tmp_path):

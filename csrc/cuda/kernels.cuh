@@ -99,15 +99,13 @@ __device__ __forceinline__ T group_sum(T v, int group) {
   return v;
 }
 
-// NaN-propagating maximum over the `group` lanes; every lane of the warp must call it.
+// NaN-propagating maximum over the `group` lanes; every lane of the warp must call it. Only the rare rescale
+// takes it: a loop, which holds fewer registers than the unrolled form.
 template <class T>
 __device__ __forceinline__ T group_max(T v, int group) {
-  PMRL_UNROLL
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    if (offset < group) {
-      const T o = __shfl_xor_sync(0xffffffffu, v, offset);
-      v = o > v || !(o <= Num<T>::max()) ? o : v;
-    }
+  for (int offset = group >> 1; offset > 0; offset >>= 1) {
+    const T o = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = o > v || !(o <= Num<T>::max()) ? o : v;
   }
   return v;
 }
