@@ -54,6 +54,8 @@ __device__ __forceinline__ void gram_row(const Lanes<In, M>& lanes, bool vec, co
   T acc[M * (M + 1) / 2];
   gram_partial<In, T, M, Scaled>(lanes, vec, r, acc);
   PMRL_UNROLL
+  for (int k = 0; k < M; ++k) row[k] = T(0);  // lanes >= M keep a zero row
+  PMRL_UNROLL
   for (int m = 0; m < M; ++m) {
     PMRL_UNROLL
     for (int k = 0; k <= m; ++k) {
