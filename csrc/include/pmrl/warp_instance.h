@@ -243,10 +243,10 @@ PMRL_HD void warp_backward_coefficients(const W& w, const T (&s_in)[M], const T 
   for (int j = 0; j < M; ++j) {
     kd[j] = grad_s != nullptr ? grad_s[j] / c * safe_inverse(s_in[j] * c, floor_sq) : T(0);
     const T b = has_grad_lead ? warp_sum(w, l < M ? u[j] * own_zng : T(0)) : T(0);
-    h[j] = j > 0 ? b * safe_inverse(lam[0] - lam[j], gap_floor_sq) * inv_s1 : T(0);
+    h[j] = j > 0 && has_grad_lead ? b * safe_inverse(lam[0] - lam[j], gap_floor_sq) * inv_s1 : T(0);
     if (j == 0) lg = b * inv_s1;
   }
-  kd[0] -= lg * inv_s1 * inv_s1;
+  if (has_grad_lead) kd[0] -= lg * inv_s1 * inv_s1;
   T uk[M];  // lane l's row of U K
   uk[0] = u[0] * kd[0];
   PMRL_UNROLL
