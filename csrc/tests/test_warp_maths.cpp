@@ -108,8 +108,9 @@ class EmulatedWarp {
   mutable int current_ = 0;
 };
 
-// The kernels' warp of 32 lanes from M = 9 on; below, 16 (lanes >= M for every M, fewer fibers).
-constexpr int warp_size(int m) { return m <= 8 ? 16 : 32; }
+// The smallest warp that leaves lanes past M (every exchange is a meeting of all its fibers): 16 lanes below
+// M = 16, the hardware's 32 at M = 16.
+constexpr int warp_size(int m) { return m < 16 ? 16 : 32; }
 
 std::mt19937_64 rng(2024);
 double normal() { return std::normal_distribution<double>(0.0, 1.0)(rng); }
@@ -366,14 +367,17 @@ void all_checks() {
                         Kind::kNearTie, Kind::kHuge, Kind::kTiny};
   for (Kind kind : kinds) {
     for (bool normalize : {true, false}) {
-      const int dims[] = {M + 3, M > 2 ? M - 1 : 1};  // D > M and D < M
-      for (int dim : dims) {
+      // D > M, and D < M for the kinds whose rows are independent
+      const bool short_rows = kind == Kind::kRandom || kind == Kind::kNearTie;
+      for (int dim : {M + 3, short_rows && M > 2 ? M - 1 : 0}) {
+        if (dim == 0) continue;
         spectrum_matches<double, M>(kind, dim, normalize, 1e-11);
         spectrum_matches<float, M>(kind, dim, normalize, 2e-5f);
       }
     }
   }
-  // both versions get the same S and U, so degenerate spectra (zero rows, ties, D < M) compare too
+  // both versions get the same S and U, so degenerate spectra (zero rows, ties, D < M) compare too; every
+  // combination of upstream gradients on random rows, both on the others
   const Kind backward_kinds[] = {Kind::kRandom, Kind::kRankOne, Kind::kDuplicated, Kind::kZeroRow, Kind::kFaintRow,
                                  Kind::kNearTie};
   for (Kind kind : backward_kinds)
@@ -381,9 +385,9 @@ void all_checks() {
       for (bool normalize : {true, false})
         for (bool grad_s : {true, false})
           for (bool grad_lead : {true, false}) {
-            if (!grad_s && !grad_lead) continue;
+            if (!(grad_s && grad_lead) && (kind != Kind::kRandom || !(grad_s || grad_lead))) continue;
             backward_matches<double, M>(kind, dim, normalize, grad_s, grad_lead, 1e-10);
-            backward_matches<float, M>(kind, dim, normalize, grad_s, grad_lead, 2e-3f);
+            if (kind == Kind::kRandom) backward_matches<float, M>(kind, dim, normalize, grad_s, grad_lead, 2e-3f);
           }
   diagonal_ties_match<M>();
   non_finite_stays_nan<M>();
