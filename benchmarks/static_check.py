@@ -72,10 +72,13 @@ def parse_ptxas(text: str) -> list[dict]:
     return records
 
 
+# a bare nvcc, as CI compiles the sources (no torch header under csrc/cuda); the PTX counts use the same flags
+NVCC_FLAGS = ["-std=c++17", "-arch=sm_90", "-O3", f"-I{ROOT / 'csrc' / 'include'}"]
+
+
 def _compile_cu(source: Path, out_dir: Path) -> dict:
     nvcc = shutil.which("nvcc")
-    cmd = [nvcc, "-c", "-std=c++17", "-arch=sm_90", "-O3", "-Xptxas", "-v", f"-I{ROOT / 'csrc' / 'include'}",
-           str(source), "-o", str(out_dir / (source.stem + ".o"))]
+    cmd = [nvcc, "-c", *NVCC_FLAGS, "-Xptxas", "-v", str(source), "-o", str(out_dir / (source.stem + ".o"))]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     return {"file": source.name, "returncode": result.returncode, "kernels": parse_ptxas(result.stderr),
@@ -307,8 +310,7 @@ def cuda_warp_sweeps() -> list[dict]:
             if hi < WARP_SWEEP_M[0]:
                 continue
             out = Path(tmp) / (source.stem + ".ptx")
-            subprocess.run([nvcc, "-ptx", "-std=c++17", "-arch=sm_90", "-O3", f"-I{ROOT / 'csrc' / 'include'}",
-                            str(source), "-o", str(out)], check=True, capture_output=True)
+            subprocess.run([nvcc, "-ptx", *NVCC_FLAGS, str(source), "-o", str(out)], check=True, capture_output=True)
             entries = re.split(r"\n\.visible \.entry ", out.read_text())[1:]
             for m in range(max(lo, WARP_SWEEP_M[0]), hi + 1):
                 entry = next(e for e in entries if e.startswith(f"_ZN4pmrl4cuda14forward_detail19warp_forward_kernelIffLi{m}E"))

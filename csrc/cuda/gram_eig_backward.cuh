@@ -38,8 +38,7 @@ __device__ __forceinline__ void reductions(const Lanes<In, M>& lanes, bool vec, 
 }
 
 // The reductions of the rows scaled by r (docs/maths.md, "Scale"): r = 1 unless a row's squared norm over- or
-// underflowed. The shuffles need every lane of the warp: the whole warp takes the slow path when one instance needs
-// it, and the others keep r = 1, which reproduces their fast-path sums exactly.
+// underflowed (with normalize; without, the backward takes the raw rows).
 template <class In, class T, int M>
 __device__ __forceinline__ void scaled_reductions(const Lanes<In, M>& lanes, bool vec, bool normalize, const T* gbar,
                                                   T (&r)[M], T (&sq)[M], T (&zg)[M]) {
@@ -50,12 +49,7 @@ __device__ __forceinline__ void scaled_reductions(const Lanes<In, M>& lanes, boo
   }
   if (!normalize && gbar == nullptr) return;
   reductions<In, T, M, false>(lanes, vec, normalize, gbar, r, sq, zg);
-  const bool needs = lanes.valid && normalize && gram_needs_rescale<T, M>(sq, true);
-  if (__any_sync(0xffffffffu, needs)) {
-    T scaled[M];
-    with_vec(vec, [&](auto vc) { lanes.template rescale<decltype(vc)::value>(true, scaled); });
-    PMRL_UNROLL
-    for (int m = 0; m < M; ++m) r[m] = needs ? scaled[m] : T(1);
+  if (normalize && rescaled<In, T, M>(lanes, vec, true, sq, r)) {
     reductions<In, T, M, true>(lanes, vec, normalize, gbar, r, sq, zg);
   }
 }

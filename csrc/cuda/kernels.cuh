@@ -198,6 +198,22 @@ struct Lanes {
   }
 };
 
+// The scales r (docs/maths.md, "Scale"): 1, or for an instance whose raw Gram diagonal (the backward: squared
+// norms) over- or underflowed the rows' magnitudes. The shuffles need every lane of the warp: the whole warp takes
+// the slow path when one instance needs it, and the others keep r = 1, which reproduces their fast-path sums
+// exactly. True when a rescale ran.
+template <class In, class T, int M>
+__device__ __forceinline__ bool rescaled(const Lanes<In, M>& lanes, bool vec, bool normalize, const T (&diag)[M],
+                                         T (&r)[M]) {
+  const bool needs = lanes.valid && gram_needs_rescale<T, M>(diag, normalize);
+  if (!__any_sync(0xffffffffu, needs)) return false;
+  T scaled[M];
+  with_vec(vec, [&](auto vc) { lanes.template rescale<decltype(vc)::value>(normalize, scaled); });
+  PMRL_UNROLL
+  for (int m = 0; m < M; ++m) r[m] = needs ? scaled[m] : T(1);
+  return true;
+}
+
 // 4-element vector access is valid when D and every row stride are multiples of 4 and every row, and every
 // [B, D] tensor of the compute type (lead, its gradient: contiguous, but possibly at an odd storage offset),
 // starts aligned. The outputs are fresh allocations with rows of D elements: aligned when D is.

@@ -151,6 +151,39 @@ void gram(const std::vector<double>& z, int dim, T (&g)[M][M]) {
     }
 }
 
+// gram_spectrum of g on one lane (g is copied: the solve overwrites it).
+template <class T, int M>
+pmrl::Spectrum<T, M> one_lane_spectrum(const T (&g)[M][M], const T (&r)[M], bool normalize, int dim) {
+  T a[M][M];
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < M; ++n) a[m][n] = g[m][n];
+  pmrl::Spectrum<T, M> one;
+  pmrl::gram_spectrum<T, M>(a, r, normalize, dim, one);
+  return one;
+}
+
+// warp_gram_spectrum on the emulated warp, lane l < M given row l of g: every lane's S, row of U and lead
+// coefficients.
+template <class T, int M>
+struct WarpSpectrum {
+  static constexpr int N = warp_size(M);
+  T s[N][M], u[N][M], coef[N][M];
+};
+
+template <class T, int M>
+WarpSpectrum<T, M> warp_spectrum(const T (&g)[M][M], const T (&r)[M], bool normalize, int dim) {
+  constexpr int N = warp_size(M);
+  WarpSpectrum<T, M> out;
+  EmulatedWarp<N> warp;
+  warp.run([&](const EmulatedWarp<N>& w) {
+    const int l = w.lane();
+    T row[M];
+    for (int n = 0; n < M; ++n) row[n] = l < M ? g[l][n] : T(0);
+    pmrl::warp_gram_spectrum<EmulatedWarp<N>, T, M>(w, row, r, normalize, dim, out.s[l], out.u[l], out.coef[l]);
+  });
+  return out;
+}
+
 // warp_gram_spectrum against gram_spectrum: S and lead coefficients always; U where the eigenvalues are apart
 // (exactly repeated ones may come out with another basis); the warp's U is orthonormal and diagonalises G.
 template <class T, int M>
@@ -175,21 +208,12 @@ void spectrum_matches(Kind kind, int dim, bool normalize, T tol) {
         g[m][n] = acc;
       }
   }
-  T g_one[M][M];
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < M; ++n) g_one[m][n] = g[m][n];
-  pmrl::Spectrum<T, M> one;
-  pmrl::gram_spectrum<T, M>(g_one, r, normalize, dim, one);
-
+  const pmrl::Spectrum<T, M> one = one_lane_spectrum<T, M>(g, r, normalize, dim);
   constexpr int N = warp_size(M);
-  T s[N][M], u[N][M], coef[N][M];
-  EmulatedWarp<N> warp;
-  warp.run([&](const EmulatedWarp<N>& w) {
-    const int l = w.lane();
-    T row[M];
-    for (int n = 0; n < M; ++n) row[n] = l < M ? g[l][n] : T(0);
-    pmrl::warp_gram_spectrum<EmulatedWarp<N>, T, M>(w, row, r, normalize, dim, s[l], u[l], coef[l]);
-  });
+  const WarpSpectrum<T, M> warp = warp_spectrum<T, M>(g, r, normalize, dim);
+  const auto& s = warp.s;
+  const auto& u = warp.u;
+  const auto& coef = warp.coef;
   double top = 0;
   for (int k = 0; k < M; ++k) top = std::fmax(top, std::fabs(double(one.s[k])));
   // u_1 (and so lead) moves by about eps / (relative gap below sigma_1^2) between two correct solves
@@ -237,11 +261,7 @@ void backward_matches(Kind kind, int dim, bool normalize, bool with_grad_s, bool
   T g[M][M], r_one[M];
   gram<T, M>(z, dim, g);
   for (int m = 0; m < M; ++m) r_one[m] = T(1);
-  pmrl::Spectrum<T, M> sp;
-  T g_copy[M][M];
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < M; ++n) g_copy[m][n] = g[m][n];
-  pmrl::gram_spectrum<T, M>(g_copy, r_one, normalize, dim, sp);
+  const pmrl::Spectrum<T, M> sp = one_lane_spectrum<T, M>(g, r_one, normalize, dim);
   T grad_s[M], sq[M], zg[M];
   std::vector<T> gbar(dim);
   for (T& x : gbar) x = T(normal());
@@ -292,24 +312,18 @@ void backward_matches(Kind kind, int dim, bool normalize, bool with_grad_s, bool
 // A non-finite entry: NaN in every lane's S, U and coefficients, and the solve returns.
 template <int M>
 void non_finite_stays_nan() {
-  constexpr int N = warp_size(M);
-  double s[N][M], u[N][M], coef[N][M];
-  EmulatedWarp<N> warp;
-  warp.run([&](const EmulatedWarp<N>& w) {
-    const int l = w.lane();
-    double row[M], r[M];
-    for (int n = 0; n < M; ++n) {
-      row[n] = l < M ? (l == n ? 2.0 : 0.1) : 0.0;
-      r[n] = 1.0;
-    }
-    if (l == M - 1) row[0] = NAN;
-    pmrl::warp_gram_spectrum<EmulatedWarp<N>, double, M>(w, row, r, true, 8, s[l], u[l], coef[l]);
-  });
+  double g[M][M], r[M];
+  for (int m = 0; m < M; ++m) {
+    for (int n = 0; n < M; ++n) g[m][n] = m == n ? 2.0 : 0.1;
+    r[m] = 1.0;
+  }
+  g[M - 1][0] = NAN;  // in one lane's row only
+  const WarpSpectrum<double, M> warp = warp_spectrum<double, M>(g, r, true, 8);
   bool all_nan = true;
-  for (int l = 0; l < N; ++l)
+  for (int l = 0; l < WarpSpectrum<double, M>::N; ++l)
     for (int k = 0; k < M; ++k) {
-      all_nan = all_nan && std::isnan(s[l][k]) && std::isnan(coef[l][k]);
-      if (l < M) all_nan = all_nan && std::isnan(u[l][k]);
+      all_nan = all_nan && std::isnan(warp.s[l][k]) && std::isnan(warp.coef[l][k]);
+      if (l < M) all_nan = all_nan && std::isnan(warp.u[l][k]);
     }
   check(all_nan, "non-finite input gives NaN everywhere", M);
 }
@@ -323,24 +337,12 @@ void diagonal_ties_match() {
     g[m][m] = m % 3 == 0 ? 0.0 : (m % 3 == 1 ? 2.0 : 0.5);
     r[m] = 1.0;
   }
-  double g_one[M][M];
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < M; ++n) g_one[m][n] = g[m][n];
-  pmrl::Spectrum<double, M> one;
-  pmrl::gram_spectrum<double, M>(g_one, r, false, 2 * M, one);
-  constexpr int N = warp_size(M);
-  double s[N][M], u[N][M], coef[N][M];
-  EmulatedWarp<N> warp;
-  warp.run([&](const EmulatedWarp<N>& w) {
-    const int l = w.lane();
-    double row[M];
-    for (int n = 0; n < M; ++n) row[n] = l < M ? g[l][n] : 0.0;
-    pmrl::warp_gram_spectrum<EmulatedWarp<N>, double, M>(w, row, r, false, 2 * M, s[l], u[l], coef[l]);
-  });
+  const pmrl::Spectrum<double, M> one = one_lane_spectrum<double, M>(g, r, false, 2 * M);
+  const WarpSpectrum<double, M> warp = warp_spectrum<double, M>(g, r, false, 2 * M);
   bool same = true;
   for (int k = 0; k < M; ++k) {
-    same = same && s[0][k] == one.s[k] && coef[0][k] == one.lead_coef[k];
-    for (int m = 0; m < M; ++m) same = same && u[m][k] == one.u[m][k];
+    same = same && warp.s[0][k] == one.s[k] && warp.coef[0][k] == one.lead_coef[k];
+    for (int m = 0; m < M; ++m) same = same && warp.u[m][k] == one.u[m][k];
   }
   check(same, "diagonal ties: S, U and lead coefficients as the one-lane solve", M);
 }
